@@ -1,0 +1,39 @@
+# Tollgate: `make up` runs the gateway on its embedded defaults, `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= tollgate.yaml
+
+.PHONY: up test bench lint format render-envoy clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/tollgate up --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m loadtest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+render-envoy: $(STAMP)
+	$(BIN)/tollgate render-envoy --config $(CONFIG) > envoy/envoy.yaml
+
+clean:
+	rm -rf $(VENV) .tollgate .pytest_cache .ruff_cache

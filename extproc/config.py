@@ -1,0 +1,478 @@
+"""The gateway config: parsed once from YAML into frozen, typed objects.
+
+Everything is validated at load time. A bad file raises :class:`ConfigError` naming the
+field path (``backends[1].endpoints[0]``) and the problem, so ``tollgate up`` exits before
+anything starts. The hot path reads these objects without further checks.
+
+Durations are written as numbers of seconds (``2.5``) or strings with a unit
+(``"500ms"``, ``"2s"``, ``"5m"``). Sizes are bytes or strings such as ``"1MiB"``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BACKEND_KINDS = ("vllm", "tgi", "tei", "openai")
+MODEL_KINDS = ("chat", "embedding")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "KiB": 1024,
+    "MB": 1000**2,
+    "MiB": 1024**2,
+    "GB": 1000**3,
+    "GiB": 1024**3,
+}
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; ``str()`` names the field and the problem."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/health"
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Simulator:
+    """Knobs for a simulated backend that ``tollgate up`` starts itself (see backends/)."""
+
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    output_tokens: int = 16
+    max_running: int = 256
+    max_queue: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    kind: str
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout_s: float = 1.0
+    request_timeout_s: float = 300.0
+    max_concurrent_requests: int = 1024
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+    simulate: Simulator | None = None
+
+    @property
+    def cluster(self) -> str:
+        """Envoy cluster name for this backend."""
+        return f"backend_{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    id: str
+    backend: str
+    backend_model: str
+    kind: str = "chat"
+    context_length: int = 32768
+    max_tokens: int = 4096
+    owned_by: str = "tollgate"
+
+    @property
+    def aliased(self) -> bool:
+        """True when the backend answers with a different model id than the public one."""
+        return self.backend_model != self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_request_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Processor:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 1
+    message_timeout_s: float = 2.0
+    max_inflight: int = 2048
+    key_cache_ttl_s: float = 5.0
+
+    @property
+    def bind_host(self) -> str:
+        """Where workers listen: ``host`` if it is an IP address, else all interfaces (a DNS name
+        such as a compose service name is how Envoy reaches them, not an address to bind)."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return "0.0.0.0"
+        return self.host
+
+
+@dataclass(frozen=True, slots=True)
+class Envoy:
+    admin_port: int = 9901
+    concurrency: int = 1
+    log_level: str = "warning"
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    url: str | None = None
+    data_dir: str = ".tollgate/data"
+    port: int = 6390
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    listener: Listener
+    processor: Processor
+    envoy: Envoy
+    store: Store
+    backends: tuple[Backend, ...]
+    models: tuple[Model, ...]
+    source: str = "<memory>"
+    backends_by_name: dict[str, Backend] = field(default_factory=dict, compare=False)
+    models_by_id: dict[str, Model] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        self.backends_by_name.update({b.name: b for b in self.backends})
+        self.models_by_id.update({m.id: m for m in self.models})
+
+    @property
+    def store_url(self) -> str:
+        """REDIS_URL wins over the file; else the embedded Valkey's URL."""
+        env = os.environ.get("REDIS_URL")
+        if env:
+            return env
+        if self.store.url:
+            return self.store.url
+        return f"redis://127.0.0.1:{self.store.port}/0"
+
+    @property
+    def embedded_store(self) -> bool:
+        return not (os.environ.get("REDIS_URL") or self.store.url)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Reads one mapping, tracks the field path, and rejects unknown keys."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"expected a mapping, got {_kind(data)}")
+        self.data = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def _p(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        return self.data.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def str(self, key: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None):
+        value = self.get(key, default)
+        if value is None:
+            if default is None:
+                raise ConfigError(self._p(key), "is required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self._p(key), f"expected a non-empty string, got {_kind(value)}")
+        if pattern is not None and not pattern.match(value):
+            raise ConfigError(self._p(key), f"{value!r} has characters that are not allowed")
+        return value
+
+    def int(self, key: str, default: int, *, low: int = 0, high: int | None = None) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self._p(key), f"expected an integer, got {_kind(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ConfigError(self._p(key), f"must be {bound}, got {value}")
+        return value
+
+    def port(self, key: str, default: int) -> int:
+        return self.int(key, default, low=1, high=65535)
+
+    def duration(self, key: str, default: float) -> float:
+        value = self.get(key, default)
+        seconds = parse_duration(value)
+        if seconds is None or seconds <= 0:
+            raise ConfigError(
+                self._p(key),
+                f"expected a positive duration such as 2.5, '500ms' or '2s', got {value!r}",
+            )
+        return seconds
+
+    def size(self, key: str, default: int) -> int:
+        value = self.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        if isinstance(value, str) and (m := _SIZE_RE.match(value)):
+            n = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+            if n > 0:
+                return n
+        raise ConfigError(self._p(key), f"expected a size such as 1048576 or '1MiB', got {value!r}")
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(self.get(key), self._p(key))
+
+    def list(self, key: str) -> list[Any]:
+        value = self.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(self._p(key), f"expected a list, got {_kind(value)}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(self._p(str(unknown[0])), "unknown field")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from ``2``, ``2.5``, ``"500ms"``, ``"2s"``, ``"5m"``; None if not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        n = float(m.group(1))
+        return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    return None
+
+
+def _endpoint(value: Any, path: str) -> Endpoint:
+    if not isinstance(value, str) or value.count(":") != 1:
+        raise ConfigError(path, f"expected 'host:port', got {value!r}")
+    host, _, port = value.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(path, f"expected 'host:port' with a port 1-65535, got {value!r}")
+    return Endpoint(host, int(port))
+
+
+def _backend(data: Any, path: str) -> Backend:
+    r = _Reader(data, path)
+    name = r.str("name", pattern=_NAME_RE)
+    kind = r.str("kind")
+    if kind not in BACKEND_KINDS:
+        raise ConfigError(
+            f"{path}.kind", f"must be one of {', '.join(BACKEND_KINDS)}, got {kind!r}"
+        )
+    raw_endpoints = r.list("endpoints")
+    if not raw_endpoints:
+        raise ConfigError(f"{path}.endpoints", "needs at least one 'host:port'")
+    endpoints = tuple(_endpoint(e, f"{path}.endpoints[{i}]") for i, e in enumerate(raw_endpoints))
+    hc = r.child("health_check")
+    health = HealthCheck(
+        path=hc.str("path", "/health"),
+        interval_s=hc.duration("interval", 2.0),
+        timeout_s=hc.duration("timeout", 1.0),
+        unhealthy_threshold=hc.int("unhealthy_threshold", 2, low=1),
+        healthy_threshold=hc.int("healthy_threshold", 1, low=1),
+    )
+    hc.done()
+    if not health.path.startswith("/"):
+        raise ConfigError(f"{path}.health_check.path", "must start with '/'")
+    simulate = None
+    if r.has("simulate"):
+        s = r.child("simulate")
+        simulate = Simulator(
+            ttft_ms=float(s.int("ttft_ms", 0)),
+            itl_ms=float(s.int("itl_ms", 0)),
+            output_tokens=s.int("output_tokens", 16, low=1),
+            max_running=s.int("max_running", 256, low=1),
+            max_queue=s.int("max_queue", 256),
+        )
+        s.done()
+        if len(endpoints) != 1 or endpoints[0].host not in ("127.0.0.1", "localhost"):
+            raise ConfigError(
+                f"{path}.simulate", "a simulated backend needs exactly one 127.0.0.1 endpoint"
+            )
+    backend = Backend(
+        name=name,
+        kind=kind,
+        endpoints=endpoints,
+        connect_timeout_s=r.duration("connect_timeout", 1.0),
+        request_timeout_s=r.duration("request_timeout", 300.0),
+        max_concurrent_requests=r.int("max_concurrent_requests", 1024, low=1),
+        health_check=health,
+        simulate=simulate,
+    )
+    r.done()
+    return backend
+
+
+def _model(data: Any, path: str, backends: dict[str, Backend]) -> Model:
+    r = _Reader(data, path)
+    model_id = r.str("id", pattern=_MODEL_ID_RE)
+    backend = r.str("backend")
+    if backend not in backends:
+        known = ", ".join(sorted(backends)) or "none defined"
+        raise ConfigError(f"{path}.backend", f"no backend named {backend!r} (backends: {known})")
+    kind = r.str("kind", "chat")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"{path}.kind", f"must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    model = Model(
+        id=model_id,
+        backend=backend,
+        backend_model=r.str("backend_model", model_id),
+        kind=kind,
+        context_length=r.int("context_length", 32768, low=1),
+        max_tokens=r.int("max_tokens", 4096, low=1),
+        owned_by=r.str("owned_by", "tollgate"),
+    )
+    r.done()
+    if model.max_tokens > model.context_length:
+        raise ConfigError(f"{path}.max_tokens", "cannot exceed context_length")
+    return model
+
+
+def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
+    """Validate a config mapping (as loaded from YAML) into a GatewayConfig."""
+    root = _Reader(data, "")
+    lr = root.child("listener")
+    listener = Listener(
+        host=lr.str("host", "127.0.0.1"),
+        port=lr.port("port", 8080),
+        max_request_body_bytes=lr.size("max_request_body_bytes", 1024 * 1024),
+    )
+    lr.done()
+    pr = root.child("processor")
+    processor = Processor(
+        host=pr.str("host", "127.0.0.1"),
+        port=pr.port("port", 50051),
+        workers=pr.int("workers", 1, low=1, high=64),
+        message_timeout_s=pr.duration("message_timeout", 2.0),
+        max_inflight=pr.int("max_inflight", 2048, low=1),
+        key_cache_ttl_s=pr.duration("key_cache_ttl", 5.0),
+    )
+    pr.done()
+    er = root.child("envoy")
+    envoy = Envoy(
+        admin_port=er.port("admin_port", 9901),
+        concurrency=er.int("concurrency", 1, low=1, high=64),
+        log_level=er.str("log_level", "warning"),
+        access_log=bool(er.get("access_log", False)),
+    )
+    er.done()
+    if envoy.log_level not in ("trace", "debug", "info", "warning", "error", "critical", "off"):
+        raise ConfigError("envoy.log_level", f"unknown level {envoy.log_level!r}")
+    sr = root.child("store")
+    store = Store(
+        url=sr.get("url"),
+        data_dir=sr.str("data_dir", ".tollgate/data"),
+        port=sr.port("port", 6390),
+    )
+    sr.done()
+    if store.url is not None and not (
+        isinstance(store.url, str) and store.url.startswith(("redis://", "rediss://", "unix://"))
+    ):
+        raise ConfigError("store.url", "expected a redis://, rediss:// or unix:// URL")
+
+    backends: dict[str, Backend] = {}
+    raw_backends = root.list("backends")
+    if not raw_backends:
+        raise ConfigError("backends", "define at least one backend")
+    for i, raw in enumerate(raw_backends):
+        b = _backend(raw, f"backends[{i}]")
+        if b.name in backends:
+            raise ConfigError(f"backends[{i}].name", f"duplicate backend name {b.name!r}")
+        backends[b.name] = b
+
+    models: dict[str, Model] = {}
+    for i, raw in enumerate(root.list("models")):
+        m = _model(raw, f"models[{i}]", backends)
+        if m.id in models:
+            raise ConfigError(f"models[{i}].id", f"duplicate model id {m.id!r}")
+        models[m.id] = m
+    if not models:
+        raise ConfigError("models", "define at least one model")
+    root.done()
+
+    ports = {
+        "listener.port": listener.port,
+        "envoy.admin_port": envoy.admin_port,
+    }
+    for w in range(processor.workers):
+        ports[f"processor.port (worker {w})"] = processor.port + w
+    if store.url is None:
+        ports["store.port"] = store.port
+    for b in backends.values():
+        if b.simulate is not None:
+            ports[f"backends[{b.name}].endpoints[0]"] = b.endpoints[0].port
+    seen: dict[int, str] = {}
+    for where, port in ports.items():
+        if port in seen:
+            raise ConfigError(where, f"port {port} is already used by {seen[port]}")
+        seen[port] = where
+
+    return GatewayConfig(
+        listener=listener,
+        processor=processor,
+        envoy=envoy,
+        store=store,
+        backends=tuple(backends.values()),
+        models=tuple(models.values()),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+    return parse_config(data, source=str(p))

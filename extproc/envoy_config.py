@@ -1,0 +1,365 @@
+"""Render the Envoy bootstrap from the gateway config (``tollgate render-envoy`` prints it).
+
+Shape of what Envoy does for the processor (see README, "Request path"):
+
+* One listener; ``x-request-id`` kept from the client or generated, echoed on every response.
+* The ext_proc filter, fail-closed (``failure_mode_allow: false``, ``status_on_error: 503``),
+  by default sending request headers, the BUFFERED request body and the response headers: three
+  messages per request. Response bodies reach the processor only when it asks for them with a
+  mode override (backend error to normalize, aliased model to rewrite). ``GET /v1/models`` is
+  headers-only.
+* Routing: the processor sets ``x-tollgate-backend`` on the body message and clears the route
+  cache; one route per backend matches that header and carries the backend's timeout and retry
+  policy. Requests without the header fall through to a 404 that only an unauthenticated or
+  unknown path can reach (the processor answers those itself).
+* One cluster per backend: health checks, circuit breaker at ``max_concurrent_requests``,
+  outlier detection; one HTTP/2 cluster listing every processor worker.
+* ``local_reply_config`` renders Envoy's own errors in the gateway's JSON shape
+  (:data:`extproc.errors.ENVOY_LOCAL_REPLIES`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import yaml
+
+from .config import Backend, GatewayConfig
+from .errors import CODES, ENVOY_LOCAL_REPLIES
+
+ROUTE_HEADER = "x-tollgate-backend"
+EXTPROC_CLUSTER = "tollgate_extproc"
+_T = "type.googleapis.com/"
+
+
+def _dur(seconds: float) -> str:
+    """Envoy durations are written '0.2s', never '200ms'."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _cluster(
+    name: str, endpoints: list[tuple[str, int]], connect_timeout_s: float
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC" if all(_is_ip(h) for h, _ in endpoints) else "STRICT_DNS",
+        "connect_timeout": _dur(connect_timeout_s),
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(h, p)}} for h, p in endpoints]}
+            ],
+        },
+    }
+
+
+def backend_cluster(backend: Backend) -> dict[str, Any]:
+    hosts = [(e.host, e.port) for e in backend.endpoints]
+    cluster = _cluster(backend.cluster, hosts, backend.connect_timeout_s)
+    hc = backend.health_check
+    cluster.update(
+        {
+            "lb_policy": "LEAST_REQUEST",
+            "circuit_breakers": {
+                "thresholds": [
+                    {
+                        "max_requests": backend.max_concurrent_requests,
+                        "max_pending_requests": backend.max_concurrent_requests,
+                        "max_connections": backend.max_concurrent_requests,
+                        "max_retries": 16,
+                    }
+                ]
+            },
+            "health_checks": [
+                {
+                    "timeout": _dur(hc.timeout_s),
+                    "interval": _dur(hc.interval_s),
+                    "unhealthy_threshold": hc.unhealthy_threshold,
+                    "healthy_threshold": hc.healthy_threshold,
+                    "reuse_connection": True,
+                    "http_health_check": {"path": hc.path},
+                }
+            ],
+            "outlier_detection": {
+                "consecutive_5xx": 5,
+                "consecutive_gateway_failure": 3,
+                "interval": "5s",
+                "base_ejection_time": "10s",
+                "max_ejection_percent": 50,
+            },
+        }
+    )
+    return cluster
+
+
+def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+                "timeout": _dur(cfg.processor.message_timeout_s),
+            },
+            # Fail closed: a processor that cannot be reached means a 503, never a free request.
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+            "message_timeout": _dur(cfg.processor.message_timeout_s),
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+            "mutation_rules": {"allow_all_routing": True},
+            "metadata_options": {"receiving_namespaces": {"untyped": ["tollgate"]}},
+            "stat_prefix": "tollgate",
+        },
+    }
+
+
+def _headers_only() -> dict[str, Any]:
+    return {
+        "envoy.filters.http.ext_proc": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "request_body_mode": "NONE",
+                    "response_header_mode": "SKIP",
+                    "response_body_mode": "NONE",
+                }
+            },
+        }
+    }
+
+
+def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = []
+    for b in cfg.backends:
+        routes.append(
+            {
+                "name": f"to_{b.name}",
+                "match": {
+                    "prefix": "/",
+                    "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": b.name}}],
+                },
+                "route": {
+                    "cluster": b.cluster,
+                    "timeout": _dur(b.request_timeout_s),
+                    "retry_policy": {
+                        "retry_on": "connect-failure,refused-stream",
+                        "num_retries": 2,
+                        "retry_host_predicate": [
+                            {
+                                "name": "envoy.retry_host_predicates.previous_hosts",
+                                "typed_config": {
+                                    "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3"
+                                    ".PreviousHostsPredicate"
+                                },
+                            }
+                        ],
+                        "host_selection_retry_max_attempts": 3,
+                    },
+                },
+                # The client's gateway credential never reaches a backend.
+                "request_headers_to_remove": [ROUTE_HEADER, "authorization", "cookie"],
+            }
+        )
+    # Answered by the processor from the config; never forwarded.
+    routes.append(
+        {
+            "name": "models",
+            "match": {
+                "prefix": "/v1/models",
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "direct_response": {"status": 404},
+            "typed_per_filter_config": _headers_only(),
+        }
+    )
+    # Everything else: the processor answers (401/404/...) or sets the routing header.
+    routes.append(
+        {"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 404}}
+    )
+    return routes
+
+
+def _local_reply_config() -> dict[str, Any]:
+    mappers = []
+    for match, status, code, message in ENVOY_LOCAL_REPLIES:
+        if match.startswith("flags:"):
+            flt: dict[str, Any] = {"response_flag_filter": {"flags": match[6:].split(",")}}
+        else:
+            flt = {
+                "extension_filter": {
+                    "name": "envoy.access_loggers.extension_filters.cel",
+                    "typed_config": {
+                        "@type": _T
+                        + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                        "expression": match,
+                    },
+                }
+            }
+        mapper: dict[str, Any] = {
+            "filter": flt,
+            "body_format_override": {
+                "json_format": {
+                    "error": {
+                        "message": message,
+                        "type": CODES[code][1],
+                        "param": None,
+                        "code": code,
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                    }
+                },
+                "content_type": "application/json",
+            },
+        }
+        if status:
+            mapper["status_code"] = status
+        mappers.append(mapper)
+    return {"mappers": mappers}
+
+
+def _access_log() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {
+                    "json_format": {
+                        "time": "%START_TIME%",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                        "method": "%REQ(:METHOD)%",
+                        "path": "%REQ(:PATH)%",
+                        "status": "%RESPONSE_CODE%",
+                        "flags": "%RESPONSE_FLAGS%",
+                        "details": "%RESPONSE_CODE_DETAILS%",
+                        "backend": "%UPSTREAM_CLUSTER%",
+                        "upstream": "%UPSTREAM_HOST%",
+                        "duration_ms": "%DURATION%",
+                        "bytes_sent": "%BYTES_SENT%",
+                    }
+                },
+            },
+        }
+    ]
+
+
+def render(cfg: GatewayConfig) -> dict[str, Any]:
+    """The Envoy bootstrap for ``cfg`` as a plain dict."""
+    hcm: dict[str, Any] = {
+        "@type": _T
+        + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "tollgate",
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        "preserve_external_request_id": True,
+        "always_set_request_id_in_response": True,
+        # Clients are never trusted with x-envoy-* request headers.
+        "internal_address_config": {"cidr_ranges": []},
+        "stream_idle_timeout": "300s",
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "tollgate",
+            "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": _routes(cfg)}],
+        },
+        "http_filters": [
+            _ext_proc_filter(cfg),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    if cfg.envoy.access_log:
+        hcm["access_log"] = _access_log()
+    p = cfg.processor
+    workers = [(p.host, p.port + i) for i in range(p.workers)]
+    extproc = _cluster(EXTPROC_CLUSTER, workers, 1.0)
+    extproc.update(
+        {
+            "lb_policy": "LEAST_REQUEST",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            # Every ext_proc stream is one request on this cluster: the processor sheds load
+            # itself (max_inflight), so Envoy's default cap of 1024 must not do it first.
+            "circuit_breakers": {
+                "thresholds": [
+                    {
+                        "max_requests": 1_000_000,
+                        "max_pending_requests": 1_000_000,
+                        "max_connections": 1_000_000,
+                    }
+                ]
+            },
+        }
+    )
+    return {
+        "node": {"id": "tollgate", "cluster": "tollgate"},
+        "admin": {"address": _address("127.0.0.1", cfg.envoy.admin_port)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _T + "envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 50000,
+                    },
+                }
+            ]
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "tollgate",
+                    "address": _address(cfg.listener.host, cfg.listener.port),
+                    "per_connection_buffer_limit_bytes": max(
+                        cfg.listener.max_request_body_bytes, 1024 * 1024
+                    ),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [extproc, *(backend_cluster(b) for b in cfg.backends)],
+        },
+    }
+
+
+def render_yaml(cfg: GatewayConfig) -> str:
+    header = (
+        "# Rendered by `tollgate render-envoy` from "
+        f"{cfg.source}. Do not edit: change the gateway config.\n"
+    )
+    return header + yaml.safe_dump(render(cfg), sort_keys=False, width=100)

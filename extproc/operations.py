@@ -1,0 +1,61 @@
+"""The client-facing operations (OpenAI dialect), keyed by path, and the answers that need no
+backend (``GET /v1/models``, ``GET /v1/models/{id}``), serialized once from the config."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from . import validation
+from .config import GatewayConfig, Model
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    name: str
+    model_kind: str
+    validate: Callable[[dict[str, Any]], bool]  # raises GatewayError; returns the stream flag
+
+
+CHAT = Operation("chat", "chat", validation.chat)
+COMPLETIONS = Operation("completions", "chat", validation.completions)
+EMBEDDINGS = Operation("embeddings", "embedding", validation.embeddings)
+
+POST_OPERATIONS: dict[str, Operation] = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETIONS,
+    "/v1/embeddings": EMBEDDINGS,
+}
+MODELS_PATH = "/v1/models"
+
+
+def _card(model: Model, created: int) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": created,
+        "owned_by": model.owned_by,
+        "kind": model.kind,
+        "context_length": model.context_length,
+        "max_tokens": model.max_tokens,
+    }
+
+
+class ModelCatalog:
+    """Pre-serialized model list and cards."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        created = int(time.time())
+        cards = [_card(m, created) for m in cfg.models]
+        self.list_body = orjson.dumps({"object": "list", "data": cards})
+        self.card_bodies = {c["id"]: orjson.dumps(c) for c in cards}
+
+    def card(self, path: str) -> tuple[str, bytes | None]:
+        """(model id, its card or None) for a ``/v1/models/{id}`` path."""
+        model_id = unquote(path[len(MODELS_PATH) + 1 :])
+        return model_id, self.card_bodies.get(model_id)

@@ -1,0 +1,60 @@
+"""One processor worker: a grpc.aio ext_proc server on ``processor.port + index``.
+
+Workers are processes (one core each, the GIL binds a Python process to about one); Envoy lists
+every worker as an endpoint of the ext_proc cluster. All shared state is in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import grpc
+import structlog
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+from . import logs, store
+from .auth import KeyAuthenticator
+from .config import GatewayConfig
+from .processor import Processor
+
+READY_LINE = "processor worker ready"
+
+
+async def serve(cfg: GatewayConfig, index: int) -> None:
+    log = structlog.get_logger("tollgate.worker")
+    client = store.connect(cfg.store_url)
+    await client.ping()
+    processor = Processor(cfg, KeyAuthenticator(client, ttl=cfg.processor.key_cache_ttl_s))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", 100_000),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    port = cfg.processor.port + index
+    server.add_insecure_port(f"{cfg.processor.bind_host}:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker_ready", port=port, worker=index)
+    print(f"{READY_LINE} port={port}", flush=True)
+    await stop.wait()
+    await server.stop(grace=2)
+    await client.aclose()
+
+
+def run(cfg: GatewayConfig, index: int) -> int:
+    logs.configure(f"worker-{index}")
+    try:
+        asyncio.run(serve(cfg, index))
+    except OSError as exc:
+        print(f"worker {index}: {exc}", file=sys.stderr)
+        return 1
+    return 0

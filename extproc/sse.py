@@ -1,0 +1,50 @@
+"""Server-sent events cut into body chunks at arbitrary places.
+
+A backend chunk may end in the middle of an event (or of a UTF-8 character); translators must
+only ever see whole events. :class:`EventSplitter` keeps the unfinished tail and hands back the
+complete events, never buffering more than one partial event.
+"""
+
+from __future__ import annotations
+
+_SEP = b"\n\n"
+
+
+class EventSplitter:
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Whole events completed by ``chunk`` (possibly b""), each ending in a blank line."""
+        data = self._tail + chunk if self._tail else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        cut = data.rfind(_SEP)
+        if cut < 0:
+            self._tail = data
+            return b""
+        cut += len(_SEP)
+        self._tail = data[cut:]
+        return data[:cut]
+
+    def events(self, chunk: bytes) -> list[bytes]:
+        """Like :meth:`feed`, split into events (without the blank line)."""
+        done = self.feed(chunk)
+        return done.split(_SEP)[:-1] if done else []
+
+    def flush(self) -> bytes:
+        """What is left at end of stream (an unterminated last event), emptied."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+
+def data_lines(event: bytes) -> bytes | None:
+    """The payload of an event's ``data:`` lines joined by newlines, or None if it has none."""
+    parts = [
+        line[5:].lstrip(b" ") if len(line) > 5 else b""
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(parts) if parts else None

@@ -1,0 +1,133 @@
+"""Validation of the request fields each operation needs, before anything reaches a backend.
+
+Only what the gateway relies on is checked (model, the prompt fields, stream, token limits);
+everything else is left to the backend, which answers in its own words and the translator maps
+that to the gateway's shape. Each failure names the offending ``param``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import GatewayError, invalid
+
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise invalid("Missing required parameter: 'model'.", "model")
+    if not isinstance(model, str) or not model:
+        raise invalid(f"'model' must be a non-empty string, got {_type_name(model)}.", "model")
+    return model
+
+
+def stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise invalid(f"'stream' must be a boolean, got {_type_name(stream)}.", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object.", "stream_options")
+    return stream
+
+
+def _positive_int(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"'{name}' must be an integer, got {_type_name(value)}.", name)
+    if value < 1:
+        raise invalid(f"'{name}' must be at least 1, got {value}.", name)
+
+
+def chat(body: dict[str, Any]) -> bool:
+    """Chat completions; returns the stream flag."""
+    messages = body.get("messages")
+    if messages is None:
+        raise invalid("Missing required parameter: 'messages'.", "messages")
+    if not isinstance(messages, list):
+        raise invalid(f"'messages' must be an array, got {_type_name(messages)}.", "messages")
+    if not messages:
+        raise invalid("'messages' must contain at least one message.", "messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"'{where}' must be an object, got {_type_name(message)}.", where)
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise invalid(
+                f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}.", f"{where}.role"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise invalid(
+                f"'{where}.content' must be a string or an array of parts, "
+                f"got {_type_name(content)}.",
+                f"{where}.content",
+            )
+    _positive_int(body, "max_tokens")
+    _positive_int(body, "max_completion_tokens")
+    _positive_int(body, "n")
+    return stream_flag(body)
+
+
+def completions(body: dict[str, Any]) -> bool:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise invalid("Missing required parameter: 'prompt'.", "prompt")
+    if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
+        raise invalid("'prompt' must be a string or a non-empty array.", "prompt")
+    _positive_int(body, "max_tokens")
+    _positive_int(body, "n")
+    return stream_flag(body)
+
+
+def embeddings(body: dict[str, Any]) -> bool:
+    value = body.get("input")
+    if value is None:
+        raise invalid("Missing required parameter: 'input'.", "input")
+    if isinstance(value, str):
+        if not value:
+            raise invalid("'input' must not be empty.", "input")
+    elif isinstance(value, list):
+        if not value:
+            raise invalid("'input' must not be an empty array.", "input")
+    else:
+        raise invalid(f"'input' must be a string or an array, got {_type_name(value)}.", "input")
+    fmt = body.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise invalid("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+    _positive_int(body, "dimensions")
+    if body.get("stream"):
+        raise invalid("Embeddings cannot be streamed.", "stream")
+    return False
+
+
+def json_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, got {_type_name(body)}.")
+    return body
+
+
+MALFORMED_JSON = GatewayError(
+    "invalid_request_error",
+    "The request body is not valid JSON.",
+)

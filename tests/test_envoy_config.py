@@ -1,0 +1,68 @@
+"""The rendered Envoy bootstrap is valid for the real Envoy binary, and the checked-in copy is
+the render of the sample config."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from extproc.config import load_config
+from extproc.envoy_config import ROUTE_HEADER, render, render_yaml
+from extproc.supervisor import envoy_binary
+from tests.harness import base_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_sample_render_passes_envoy_validate(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(load_config(ROOT / "tollgate.yaml")))
+    proc = _validate(out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout + proc.stderr
+
+
+def test_test_config_render_passes_envoy_validate(tmp_path: Path) -> None:
+    from extproc.config import parse_config
+
+    out = tmp_path / "envoy.yaml"
+    out.write_text(render_yaml(parse_config(base_config(workers=2))))
+    proc = _validate(out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_checked_in_bootstrap_is_current() -> None:
+    checked_in = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    assert checked_in == render(load_config(ROOT / "tollgate.yaml")), (
+        "envoy/envoy.yaml is stale: run `make render-envoy`"
+    )
+
+
+def test_one_cluster_per_backend_with_health_checks() -> None:
+    cfg = load_config(ROOT / "tollgate.yaml")
+    boot = render(cfg)
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    for b in cfg.backends:
+        c = clusters[b.cluster]
+        assert c["health_checks"][0]["http_health_check"]["path"] == b.health_check.path
+        assert c["circuit_breakers"]["thresholds"][0]["max_requests"] == b.max_concurrent_requests
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    by_backend = {r["route"]["cluster"]: r for r in routes if "route" in r}
+    for b in cfg.backends:
+        r = by_backend[b.cluster]
+        assert r["match"]["headers"][0]["name"] == ROUTE_HEADER
+        assert r["route"]["timeout"] == f"{b.request_timeout_s:g}s"
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    assert ext_proc["failure_mode_allow"] is False
