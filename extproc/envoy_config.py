@@ -73,6 +73,9 @@ def backend_cluster(backend: Backend) -> dict[str, Any]:
     cluster.update(
         {
             "lb_policy": "LEAST_REQUEST",
+            # Below uvicorn's (vLLM's) 5 s keep-alive, so Envoy never reuses a connection the
+            # backend is about to close.
+            "common_http_protocol_options": {"idle_timeout": "3s"},
             "circuit_breakers": {
                 "thresholds": [
                     {

@@ -164,19 +164,21 @@ def test_backend_too_slow_is_504(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "client_status", "code"),
+    ("status", "client_status", "code", "param"),
     [
-        (400, 400, "invalid_request_error"),
-        (429, 503, "backend_unavailable"),
-        (500, 502, "backend_unavailable"),
-        (401, 502, "backend_unavailable"),
+        # the simulator's 400 is vLLM's "maximum context length" error
+        (400, 400, "context_length_exceeded", "messages"),
+        (404, 404, "model_not_found", "model"),
+        (429, 503, "backend_unavailable", None),
+        (500, 502, "backend_unavailable", None),
+        (401, 502, "backend_unavailable", None),
     ],
 )
 def test_backend_errors_normalized(
-    gateway: Gateway, status: int, client_status: int, code: str
+    gateway: Gateway, status: int, client_status: int, code: str, param: str | None
 ) -> None:
     r = _post(gateway, {"model": "sim-chat", "messages": HELLO}, **{"x-sim-error": str(status)})
-    err = _error(r, client_status, code)
+    err = _error(r, client_status, code, param)
     assert err["type"] in ("invalid_request_error", "server_error")
 
 
