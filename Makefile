@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m loadtest
+	$(BIN)/pytest -m slow
+	$(BIN)/python -m loadtest --json loadtest/results/latest.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

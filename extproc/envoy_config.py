@@ -53,9 +53,10 @@ def _address(host: str, port: int) -> dict[str, Any]:
 def _cluster(
     name: str, endpoints: list[tuple[str, int]], connect_timeout_s: float
 ) -> dict[str, Any]:
-    return {
+    static = all(_is_ip(h) for h, _ in endpoints)
+    cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC" if all(_is_ip(h) for h, _ in endpoints) else "STRICT_DNS",
+        "type": "STATIC" if static else "STRICT_DNS",
         "connect_timeout": _dur(connect_timeout_s),
         "load_assignment": {
             "cluster_name": name,
@@ -64,6 +65,10 @@ def _cluster(
             ],
         },
     }
+    if not static:
+        # Servers often listen on IPv4 only while a name may resolve to ::1 first.
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
 
 
 def backend_cluster(backend: Backend) -> dict[str, Any]:
@@ -75,7 +80,13 @@ def backend_cluster(backend: Backend) -> dict[str, Any]:
             "lb_policy": "LEAST_REQUEST",
             # Below uvicorn's (vLLM's) 5 s keep-alive, so Envoy never reuses a connection the
             # backend is about to close.
-            "common_http_protocol_options": {"idle_timeout": "3s"},
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "common_http_protocol_options": {"idle_timeout": "3s"},
+                    "explicit_http_config": {"http_protocol_options": {}},
+                }
+            },
             "circuit_breakers": {
                 "thresholds": [
                     {
