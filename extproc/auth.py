@@ -10,6 +10,19 @@ import redis.asyncio as aioredis
 from . import store
 from .errors import GatewayError
 from .keys import KEY_RE, hash_key
+from .ledger import Limits
+
+_LIMIT_FIELDS = ("rpm", "tpm", "concurrency")
+
+
+def _limits(key: dict[str, str], account: list[str | None], default: Limits) -> Limits | None:
+    """Per-key overrides, else per-account, else the config's defaults (None)."""
+    values = []
+    for i, name in enumerate(_LIMIT_FIELDS):
+        raw = key.get(name) or account[i]
+        values.append(int(raw) if raw not in (None, "") else getattr(default, name))
+    limits = Limits(*values)
+    return None if limits == default else limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +30,8 @@ class Principal:
     account: str
     key_prefix: str
     key_name: str
+    key_hash: str = ""
+    limits: Limits | None = None  # None: the config's default limits
 
 
 _NO_KEY = GatewayError(
@@ -38,8 +53,15 @@ class KeyAuthenticator:
     round trip; a revoked key keeps working on a worker for at most ``ttl`` seconds.
     """
 
-    def __init__(self, client: aioredis.Redis, ttl: float = 5.0, max_entries: int = 100_000):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl: float = 5.0,
+        max_entries: int = 100_000,
+        default_limits: Limits | None = None,
+    ):
         self._client = client
+        self._default = default_limits or Limits()
         self._ttl = ttl
         self._max = max_entries
         self._cache: dict[str, tuple[float, Principal | GatewayError]] = {}
@@ -67,11 +89,17 @@ class KeyAuthenticator:
     async def _lookup(self, token: str) -> Principal | GatewayError:
         if not KEY_RE.match(token):
             return _UNKNOWN
-        record = await self._client.hgetall(store.key_record(hash_key(token)))
+        key_hash = hash_key(token)
+        record = await self._client.hgetall(store.key_record(key_hash))
         if not record:
             return _UNKNOWN
         if record.get("status") != "active":
             return _REVOKED
+        account = await self._client.hmget(store.account(record["account"]), list(_LIMIT_FIELDS))
         return Principal(
-            account=record["account"], key_prefix=record["prefix"], key_name=record.get("name", "")
+            account=record["account"],
+            key_prefix=record["prefix"],
+            key_name=record.get("name", ""),
+            key_hash=key_hash,
+            limits=_limits(record, account, self._default),
         )

@@ -4,6 +4,9 @@
     tollgate render-envoy [--config ...]       print the Envoy bootstrap
     tollgate check-config [--config ...]       validate the config and exit
     tollgate keys create --name NAME           create an API key, print it once
+    tollgate credits grant ACCOUNT AMOUNT      add credits (decimal, at most 6 places)
+    tollgate credits show ACCOUNT              balance, reserved, available, recent entries
+    tollgate usage [--account A --since T --until T --model M]   per-request usage
     tollgate worker --config ... --index N     one processor worker (started by `up`)
 
 Exit codes: 0 success, 1 runtime failure (a part died, the store is unreachable),
@@ -95,6 +98,143 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_call(cfg: GatewayConfig, fn):
+    """Run ``fn(ledger)`` (a coroutine function) against the configured store."""
+    import asyncio
+
+    from .ledger import Ledger
+    from .store import connect
+
+    _store_client(cfg)  # a clear message and exit 1 if the store is down
+
+    async def run():
+        client = connect(cfg.store_url)
+        try:
+            return await fn(Ledger(client))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def cmd_credits_grant(args: argparse.Namespace) -> int:
+    from .money import format_credits, parse_credits
+
+    try:
+        amount = parse_credits(args.amount)
+    except ValueError as exc:
+        print(f"tollgate: AMOUNT {args.amount!r}: {exc}", file=sys.stderr)
+        return 2
+    if amount <= 0:
+        print(f"tollgate: AMOUNT must be positive, got {args.amount}", file=sys.stderr)
+        return 2
+    cfg = _load(args.config)
+    balance = _ledger_call(
+        cfg, lambda ledger: ledger.grant(args.account, amount, args.note or "", args.id)
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "account": args.account,
+                    "granted": format_credits(amount),
+                    "balance": format_credits(balance),
+                }
+            )
+        )
+    else:
+        print(
+            f"granted {format_credits(amount)} to {args.account}; balance {format_credits(balance)}"
+        )
+    return 0
+
+
+def cmd_credits_show(args: argparse.Namespace) -> int:
+    from .account_api import iso
+    from .money import format_credits
+
+    cfg = _load(args.config)
+
+    async def fetch(ledger):
+        return await ledger.balance(args.account), await ledger.transactions(args.account, 10)
+
+    b, entries = _ledger_call(cfg, fetch)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "account": args.account,
+                    "balance": format_credits(b.balance),
+                    "reserved": format_credits(b.pending),
+                    "available": format_credits(b.available),
+                    "recent": entries,
+                }
+            )
+        )
+        return 0
+    print(f"account    {args.account}")
+    print(f"balance    {format_credits(b.balance)}")
+    print(f"reserved   {format_credits(b.pending)}")
+    print(f"available  {format_credits(b.available)}")
+    if entries:
+        print("\nrecent ledger entries (newest first):")
+        for e in entries:
+            print(
+                f"  {iso(int(e['ts']))}  {e['type']:8} {format_credits(int(e['amount'])):>14}"
+                f"  {e.get('request_id') or e.get('note') or ''}"
+            )
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .account_api import iso, parse_time
+    from .errors import GatewayError
+    from .money import format_credits
+
+    try:
+        since = parse_time(args.since, "--since") if args.since else None
+        until = parse_time(args.until, "--until") if args.until else None
+    except GatewayError as exc:
+        print(f"tollgate: {exc.message}", file=sys.stderr)
+        return 2
+    cfg = _load(args.config)
+    rows = _ledger_call(
+        cfg,
+        lambda ledger: ledger.usage(
+            args.account, since_ms=since, until_ms=until, model=args.model, limit=args.limit
+        ),
+    )
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'time':24} {'key':12} {'model':24} {'in':>7} {'out':>7} {'cost':>12} {'ms':>7} status")
+    for r in rows:
+        print(
+            f"{iso(int(r['ts'])):24} {r.get('key_prefix', ''):12} {r.get('model', ''):24}"
+            f" {r.get('tokens_in', 0):>7} {r.get('tokens_out', 0):>7}"
+            f" {format_credits(int(r.get('cost', 0))):>12} {r.get('latency_ms', 0):>7}"
+            f" {r.get('status', '')}"
+        )
+    return 0
+
+
+def _starting_credits(cfg: GatewayConfig) -> str:
+    """Grant metering.starting_credits to 'default' once (idempotent); the available balance."""
+    from .money import format_credits
+
+    async def run(ledger):
+        if cfg.metering.starting_credits > 0:
+            await ledger.grant(
+                "default",
+                cfg.metering.starting_credits,
+                "starting credits from tollgate up",
+                "tollgate-up-starting-credits",
+            )
+        return (await ledger.balance("default")).available
+
+    return format_credits(_ledger_call(cfg, run))
+
+
 def _banner(cfg: GatewayConfig, key: str) -> str:
     host = "127.0.0.1" if cfg.listener.host == "0.0.0.0" else cfg.listener.host
     url = f"http://{host}:{cfg.listener.port}/v1"
@@ -107,6 +247,7 @@ Tollgate is up.
   API key  {key}
            (created now for account 'default'; shown once, stored hashed)
   Models   {models}
+  Credits  {{balance}} available to account 'default' (`tollgate credits grant default 100`)
 
 curl:
   curl {url}/chat/completions \\
@@ -167,7 +308,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         if "envoy" in parts:
             key = create_key(connect_sync(stack.cfg.store_url), f"up-{os.getpid()}", "default")
-            print(_banner(stack.cfg, key.raw).replace("{run}", str(stack.run_dir)), flush=True)
+            balance = _starting_credits(stack.cfg)
+            banner = _banner(stack.cfg, key.raw).replace("{run}", str(stack.run_dir))
+            print(banner.replace("{balance}", balance), flush=True)
         else:
             print(f"tollgate: running {','.join(sorted(parts))}. Ctrl-C stops.", flush=True)
         dead = stack.watch(stop=lambda: stopping)
@@ -216,6 +359,30 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--account", default="default")
     kc.add_argument("--json", action="store_true", help="print JSON for scripts")
     kc.set_defaults(func=cmd_keys_create)
+
+    credits = sub.add_parser("credits", help="account balances").add_subparsers(
+        dest="credits", required=True
+    )
+    cg = with_config(credits.add_parser("grant", help="add credits to an account"))
+    cg.add_argument("account")
+    cg.add_argument("amount", help="credits, e.g. 100 or 12.5 (at most 6 decimal places)")
+    cg.add_argument("--note", help="why (kept in the ledger)")
+    cg.add_argument("--id", help="idempotency id: granting twice with it adds once")
+    cg.add_argument("--json", action="store_true")
+    cg.set_defaults(func=cmd_credits_grant)
+    cs = with_config(credits.add_parser("show", help="balance and recent ledger entries"))
+    cs.add_argument("account")
+    cs.add_argument("--json", action="store_true")
+    cs.set_defaults(func=cmd_credits_show)
+
+    us = with_config(sub.add_parser("usage", help="per-request usage records"))
+    us.add_argument("--account", default="default")
+    us.add_argument("--since", help="Unix time or ISO 8601")
+    us.add_argument("--until", help="Unix time or ISO 8601")
+    us.add_argument("--model")
+    us.add_argument("--limit", type=int, default=50)
+    us.add_argument("--json", action="store_true")
+    us.set_defaults(func=cmd_usage)
     return parser
 
 

@@ -92,6 +92,17 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class Pricing:
+    """Prices in micro-credits (see extproc/money.py); written in credits in the config."""
+
+    input_per_1m: int = 0
+    output_per_1m: int = 0
+    per_request: int = 0
+    per_image: int = 0
+    per_audio_second: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     id: str
     backend: str
@@ -100,6 +111,8 @@ class Model:
     context_length: int = 32768
     max_tokens: int = 4096
     owned_by: str = "tollgate"
+    pricing: Pricing = field(default_factory=Pricing)
+    free: bool = False
 
     @property
     def aliased(self) -> bool:
@@ -145,6 +158,23 @@ class Envoy:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-key limits; 0 means unlimited."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    concurrent_requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Metering:
+    reservation_timeout_s: float = 600.0
+    sweep_interval_s: float = 5.0
+    default_limits: Limits = field(default_factory=Limits)
+    starting_credits: int = 0  # µcr `tollgate up` grants the 'default' account, once
+
+
+@dataclass(frozen=True, slots=True)
 class Store:
     url: str | None = None
     data_dir: str = ".tollgate/data"
@@ -159,6 +189,7 @@ class GatewayConfig:
     store: Store
     backends: tuple[Backend, ...]
     models: tuple[Model, ...]
+    metering: Metering = field(default_factory=Metering)
     source: str = "<memory>"
     backends_by_name: dict[str, Backend] = field(default_factory=dict, compare=False)
     models_by_id: dict[str, Model] = field(default_factory=dict, compare=False)
@@ -349,6 +380,45 @@ def _backend(data: Any, path: str) -> Backend:
     return backend
 
 
+def _credits(value: Any, path: str) -> int:
+    from .money import parse_credits
+
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(
+            path, f"expected an amount of credits such as 0.5 or '1.25', got {value!r}"
+        )
+    try:
+        micro = parse_credits(value)
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
+    if micro < 0:
+        raise ConfigError(path, "prices cannot be negative")
+    return micro
+
+
+def _pricing(data: Any, path: str) -> Pricing:
+    r = _Reader(data, path)
+    fields = ("input_per_1m", "output_per_1m", "per_request", "per_image", "per_audio_second")
+    values = {f: _credits(r.get(f), f"{path}.{f}") for f in fields if r.has(f)}
+    for f in fields:
+        r.get(f)
+    r.done()
+    if not values:
+        raise ConfigError(path, f"set at least one of {', '.join(fields)}")
+    return Pricing(**values)
+
+
+def _limits(data: Any, path: str) -> Limits:
+    r = _Reader(data, path)
+    limits = Limits(
+        requests_per_minute=r.int("requests_per_minute", 0),
+        tokens_per_minute=r.int("tokens_per_minute", 0),
+        concurrent_requests=r.int("concurrent_requests", 0),
+    )
+    r.done()
+    return limits
+
+
 def _model(data: Any, path: str, backends: dict[str, Backend]) -> Model:
     r = _Reader(data, path)
     model_id = r.str("id", pattern=_MODEL_ID_RE)
@@ -367,8 +437,18 @@ def _model(data: Any, path: str, backends: dict[str, Backend]) -> Model:
         context_length=r.int("context_length", 32768, low=1),
         max_tokens=r.int("max_tokens", 4096, low=1),
         owned_by=r.str("owned_by", "tollgate"),
+        pricing=_pricing(r.get("pricing"), f"{path}.pricing") if r.has("pricing") else Pricing(),
+        free=r.get("free", False),
     )
     r.done()
+    if not isinstance(model.free, bool):
+        raise ConfigError(f"{path}.free", "expected true or false")
+    if model.free and r.has("pricing"):
+        raise ConfigError(f"{path}.free", "a model is either free or priced, not both")
+    if not model.free and not r.has("pricing"):
+        raise ConfigError(
+            f"{path}.pricing", "set a price, or 'free: true' to serve this model without charge"
+        )
     if model.max_tokens > model.context_length:
         raise ConfigError(f"{path}.max_tokens", "cannot exceed context_length")
     return model
@@ -404,6 +484,14 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
     er.done()
     if envoy.log_level not in ("trace", "debug", "info", "warning", "error", "critical", "off"):
         raise ConfigError("envoy.log_level", f"unknown level {envoy.log_level!r}")
+    mr = root.child("metering")
+    metering = Metering(
+        reservation_timeout_s=mr.duration("reservation_timeout", 600.0),
+        sweep_interval_s=mr.duration("sweep_interval", 5.0),
+        default_limits=_limits(mr.get("default_limits"), "metering.default_limits"),
+        starting_credits=_credits(mr.get("starting_credits", 0), "metering.starting_credits"),
+    )
+    mr.done()
     sr = root.child("store")
     store = Store(
         url=sr.get("url"),
@@ -436,6 +524,14 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         raise ConfigError("models", "define at least one model")
     root.done()
 
+    longest = max(b.request_timeout_s for b in backends.values())
+    if metering.reservation_timeout_s <= longest:
+        raise ConfigError(
+            "metering.reservation_timeout",
+            f"must be longer than the longest backend request_timeout ({longest:g}s), or the"
+            " sweeper would charge requests that are still running",
+        )
+
     ports = {
         "listener.port": listener.port,
         "envoy.admin_port": envoy.admin_port,
@@ -460,6 +556,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         store=store,
         backends=tuple(backends.values()),
         models=tuple(models.values()),
+        metering=metering,
         source=source,
     )
 

@@ -21,6 +21,7 @@ Shape of what Envoy does for the processor (see README, "Request path"):
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -30,6 +31,9 @@ from .errors import CODES, ENVOY_LOCAL_REPLIES
 
 ROUTE_HEADER = "x-tollgate-backend"
 EXTPROC_CLUSTER = "tollgate_extproc"
+METADATA_NS = "tollgate"  # what the processor sets at request time (read by Lua and the log)
+USAGE_NS = "tollgate.usage"  # usage lifted out of responses by json_to_metadata/sse_to_metadata
+_LUA = Path(__file__).with_name("stream_meter.lua")
 _T = "type.googleapis.com/"
 
 
@@ -142,8 +146,95 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
                 "response_trailer_mode": "SKIP",
             },
             "mutation_rules": {"allow_all_routing": True},
-            "metadata_options": {"receiving_namespaces": {"untyped": ["tollgate"]}},
+            # The response-headers message carries the usage json_to_metadata lifted out of a
+            # non-streaming body (it holds the headers until the body is complete), so
+            # settlement needs no response-body message.
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [USAGE_NS]},
+                "receiving_namespaces": {"untyped": [METADATA_NS]},
+            },
             "stat_prefix": "tollgate",
+        },
+    }
+
+
+def _usage_rules() -> list[dict[str, Any]]:
+    return [
+        {
+            "selectors": [{"key": "usage"}, {"key": field}],
+            "on_present": {"metadata_namespace": USAGE_NS, "key": field, "type": "NUMBER"},
+        }
+        for field in ("prompt_tokens", "completion_tokens")
+    ]
+
+
+def _metering_filters() -> list[dict[str, Any]]:
+    """Usage out of responses, natively: JSON bodies and SSE streams (last value wins)."""
+    return [
+        {
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                "response_rules": {
+                    "rules": _usage_rules(),
+                    "allow_content_types": ["application/json"],
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.sse_to_metadata",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+                "response_rules": {
+                    "content_parser": {
+                        "name": "envoy.content_parsers.json",
+                        "typed_config": {
+                            "@type": _T
+                            + "envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                            "rules": [{"rule": r} for r in _usage_rules()],
+                        },
+                    }
+                },
+            },
+        },
+    ]
+
+
+def _lua_filter() -> dict[str, Any]:
+    # First in the chain, so on the response path it runs after ext_proc (placed after
+    # ext_proc, its rewritten chunks were lost while ext_proc held the headers).
+    code = _LUA.read_text()
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": code},
+        },
+    }
+
+
+def _settle_log() -> dict[str, Any]:
+    """Finished metered streams -> the processor's AccessLogService, which settles them."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": METADATA_NS,
+                    "path": [{"key": "stream"}],
+                    "value": {"bool_match": True},
+                },
+            }
+        },
+        "typed_config": {
+            "@type": _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "tollgate_settle",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": "0.2s",
+                "buffer_size_bytes": 16384,
+            },
         },
     }
 
@@ -296,8 +387,11 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
             "name": "tollgate",
             "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": _routes(cfg)}],
         },
+        "access_log": [_settle_log()],
         "http_filters": [
+            _lua_filter(),
             _ext_proc_filter(cfg),
+            *_metering_filters(),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"},
@@ -305,7 +399,7 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         ],
     }
     if cfg.envoy.access_log:
-        hcm["access_log"] = _access_log()
+        hcm["access_log"] += _access_log()
     p = cfg.processor
     workers = [(p.host, p.port + i) for i in range(p.workers)]
     extproc = _cluster(EXTPROC_CLUSTER, workers, 1.0)

@@ -54,6 +54,7 @@ class GatewayError(Exception):
     param: str | None = None
     status: int = 0
     retry_after: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (X-RateLimit-*)
 
     def __post_init__(self) -> None:
         if self.code not in CODES:

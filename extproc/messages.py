@@ -71,7 +71,7 @@ def immediate(
 
 
 def error_response(err: GatewayError, request_id: str | None) -> ProcessingResponse:
-    extra: list[tuple[str, str]] = []
+    extra: list[tuple[str, str]] = list(err.headers)
     if err.retry_after is not None:
         extra.append(("retry-after", str(err.retry_after)))
     return immediate(err.status, err.body(request_id), DETAILS_PREFIX + err.code, extra)

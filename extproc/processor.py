@@ -28,12 +28,16 @@ import redis.exceptions
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+from google.protobuf.struct_pb2 import Struct
 
 from . import messages as m
+from .account_api import ACCOUNT_PATHS, AccountApi
 from .auth import KeyAuthenticator, Principal
 from .config import Backend, GatewayConfig, Model
-from .envoy_config import ROUTE_HEADER
+from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS
 from .errors import GatewayError
+from .ledger import Reservation
+from .metering import Meter, rate_headers, settled_headers
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
 from .translators import Translator, for_backend
 from .validation import MALFORMED_JSON, json_object, require_model
@@ -61,7 +65,11 @@ class RequestState:
         "op",
         "principal",
         "request_id",
+        "reservation",
+        "settled",
         "started",
+        "started_ms",
+        "stream",
         "translator",
     )
 
@@ -74,7 +82,11 @@ class RequestState:
         self.translator: Translator | None = None
         self.backend_status = 0
         self.buffered = False  # response body BUFFERED (whole body in one message)
+        self.reservation: Reservation | None = None
+        self.settled = False  # settled here, or handed to Envoy's stream meter (streams)
+        self.stream = False
         self.started = time.monotonic()
+        self.started_ms = 0
 
 
 class Stats:
@@ -88,25 +100,18 @@ class Stats:
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, cfg: GatewayConfig, auth: KeyAuthenticator) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, auth: KeyAuthenticator, meter: Meter, account_api: AccountApi
+    ) -> None:
         self.cfg = cfg
         self.auth = auth
+        self.meter = meter
+        self.account_api = account_api
         self.catalog = ModelCatalog(cfg)
         self.max_body = cfg.listener.max_request_body_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
         self.stats = Stats()
-        # Constant answers for the fast path, built once.
-        self._route_to = {
-            b.name: m.request_body_response(m.set_headers([(ROUTE_HEADER, b.name)]), None, True)
-            for b in cfg.backends
-        }
-        self._model_headers = {
-            model.id: m.response_headers_response(
-                m.set_headers([("x-gateway-model", model.id), ("x-gateway-backend", model.backend)])
-            )
-            for model in cfg.models
-        }
         self._models_list = m.immediate(200, self.catalog.list_body, "tollgate_models")
 
     # ------------------------------------------------------------------ gRPC entry
@@ -129,9 +134,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     if phase == "request_headers":
                         resp = await self._request_headers(req, st)
                     elif phase == "request_body":
-                        resp = self._request_body(req, st)
+                        resp = await self._request_body(req, st)
                     elif phase == "response_headers":
-                        resp = self._response_headers(req, st)
+                        resp = await self._response_headers(req, st)
                     elif phase == "response_body":
                         resp = self._response_body(req, st)
                     else:
@@ -144,6 +149,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 await write(resp)
         finally:
             self.inflight -= 1
+            if st.reservation is not None and not st.settled:
+                await self._void(st, "no_response")
 
     # ------------------------------------------------------------------ phases
     async def _request_headers(
@@ -175,6 +182,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 )
             st.op = op
             return m.CONTINUE_REQUEST_HEADERS
+        if path in ACCOUNT_PATHS:
+            if method != "GET":
+                raise GatewayError("method_not_allowed", f"Use GET for {path}.")
+            assert st.principal is not None
+            body = await self.account_api.handle(path, headers.get(":path", ""), st.principal)
+            return m.immediate(200, body, "tollgate_account")
         if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
             if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
@@ -188,9 +201,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             return m.immediate(200, card, "tollgate_model")
         raise GatewayError("not_found", f"Unknown path: {method} {path}.")
 
-    def _request_body(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
+    async def _request_body(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
         op = st.op
-        if op is None:  # a body on a route that the headers phase did not accept
+        if op is None or st.principal is None:  # a body on a route the headers phase refused
             raise GatewayError("not_found", "Unknown path.")
         raw = req.request_body.body
         if len(raw) > self.max_body:
@@ -218,29 +231,107 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             )
         backend = self.cfg.backends_by_name[model.backend]
         translator = for_backend(backend, model)
-        st.model, st.backend, st.translator = model, backend, translator
-        new_body = translator.request(op.name, body, raw, stream)
-        if new_body is None:
-            return self._route_to[backend.name]
-        return m.request_body_response(
-            m.set_headers([(ROUTE_HEADER, backend.name), ("content-length", str(len(new_body)))]),
-            new_body,
-            True,
-        )
+        st.model, st.backend, st.translator, st.stream = model, backend, translator, stream
+        client_max = body.get("max_completion_tokens") or body.get("max_tokens")
+        # The rate check, concurrency check and reservation: one store round trip.
+        try:
+            st.reservation = await self.meter.reserve(
+                st.request_id, st.principal, model, op.name, body, backend.name
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            log.error("store_unreachable", request_id=st.request_id, phase="reserve")
+            raise _STORE_DOWN from None
+        st.started_ms = int(time.time() * 1000)
+        try:
+            return self._forward(body, st, client_max, stream)
+        except Exception:
+            await self._void(st, "gateway_error")
+            raise
 
-    def _response_headers(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
-        model, translator = st.model, st.translator
+    def _forward(
+        self, body: dict[str, Any], st: RequestState, client_max: Any, stream: bool
+    ) -> ProcessingResponse:
+        """The backend's body, the routing header and, for streams, the stream meter's cue."""
+        assert st.translator is not None and st.backend is not None and st.op is not None
+        res = st.reservation
+        changed = st.translator.request(st.op.name, body, stream)
+        metadata = None
+        if st.op.name != "embeddings" and res is not None:
+            if client_max is None:  # stop the backend where the money (or the window) stops
+                body["max_tokens"] = res.granted
+                changed = True
+            if stream:
+                asked = body.get("stream_options") or {}
+                # Usage on every chunk, so a stream cut short is charged for what it generated.
+                options: dict[str, Any] = {"include_usage": True}
+                if st.backend.kind == "vllm":
+                    options["continuous_usage_stats"] = True
+                body["stream_options"] = options
+                changed = True
+                price = self.meter.prices[st.model.id] if st.model else None
+                metadata = Struct()
+                metadata.update(
+                    {
+                        METADATA_NS: {
+                            # for Envoy's Lua stream meter and the settling access log
+                            "stream": True,
+                            "request_id": st.request_id,
+                            "keep_usage": bool(asked.get("include_usage")),
+                            "price_in": price.input_per_1m if price else 0,
+                            "price_out": price.output_per_1m if price else 0,
+                            "price_req": price.per_request if price else 0,
+                            "available": res.available + res.amount,
+                        }
+                    }
+                )
+                st.settled = True  # from here on, Envoy's stream meter / access log settle it
+        pairs: list[tuple[str, str]] = [(ROUTE_HEADER, st.backend.name)]
+        new_body = None
+        if changed:
+            new_body = orjson.dumps(body)
+            pairs.append(("content-length", str(len(new_body))))
+        return m.request_body_response(m.set_headers(pairs), new_body, True, metadata)
+
+    async def _void(self, st: RequestState, reason: str) -> None:
+        st.settled = True
+        try:
+            await self.meter.settle(st.request_id, None, 0, st.started_ms, reason)
+        except Exception:  # the sweeper settles it at the reserved amount
+            log.exception("void_failed", request_id=st.request_id, reason=reason)
+
+    async def _response_headers(
+        self, req: ProcessingRequest, st: RequestState
+    ) -> ProcessingResponse:
+        model, translator, res = st.model, st.translator, st.reservation
         if model is None or translator is None:
             return m.CONTINUE_RESPONSE_HEADERS
         headers = m.header_map(req.response_headers.headers.headers)
         status = int(headers.get(":status", "0") or 0)
         content_type = headers.get("content-type", "")
-        if not translator.wants_response_body(status, content_type):
-            return self._model_headers[model.id]
         pairs: list[tuple[str, str]] = [
             ("x-gateway-model", model.id),
             ("x-gateway-backend", model.backend),
         ]
+        if res is not None:
+            if st.stream and status < 400:
+                pairs += rate_headers(res)
+            else:
+                usage = None
+                fm = req.metadata_context.filter_metadata
+                if USAGE_NS in fm:
+                    usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
+                reason = "settled" if status < 400 else "backend_error"
+                st.settled = True
+                try:
+                    s = await self.meter.settle(st.request_id, usage, status, st.started_ms, reason)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    # Served, not yet settled: the sweeper charges the reservation later.
+                    log.error("settle_failed", request_id=st.request_id)
+                    pairs += rate_headers(res)
+                else:
+                    pairs += settled_headers(res, s)
+        if not translator.wants_response_body(status, content_type):
+            return m.response_headers_response(m.set_headers(pairs))
         if status >= 400:
             st.backend_status = status
             new_status = translator.response_status(status)

@@ -12,12 +12,17 @@ import sys
 
 import grpc
 import structlog
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from . import logs, store
+from .account_api import AccountApi
 from .auth import KeyAuthenticator
 from .config import GatewayConfig
+from .ledger import Ledger
+from .metering import Meter, limits_from
 from .processor import Processor
+from .settle_service import SettleLog, sweep_forever
 
 READY_LINE = "processor worker ready"
 
@@ -26,7 +31,14 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     log = structlog.get_logger("tollgate.worker")
     client = store.connect(cfg.store_url)
     await client.ping()
-    processor = Processor(cfg, KeyAuthenticator(client, ttl=cfg.processor.key_cache_ttl_s))
+    ledger = Ledger(client)
+    meter = Meter(cfg, ledger)
+    auth = KeyAuthenticator(
+        client,
+        ttl=cfg.processor.key_cache_ttl_s,
+        default_limits=limits_from(cfg.metering.default_limits),
+    )
+    processor = Processor(cfg, auth, meter, AccountApi(ledger))
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -36,9 +48,11 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
         ]
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(SettleLog(meter), server)
     port = cfg.processor.port + index
     server.add_insecure_port(f"{cfg.processor.bind_host}:{port}")
     await server.start()
+    sweeper = asyncio.create_task(sweep_forever(ledger, cfg.metering.sweep_interval_s))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -46,6 +60,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     log.info("worker_ready", port=port, worker=index)
     print(f"{READY_LINE} port={port}", flush=True)
     await stop.wait()
+    sweeper.cancel()
     await server.stop(grace=2)
     await client.aclose()
 

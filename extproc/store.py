@@ -5,6 +5,23 @@ functions below and nowhere else, so a reader can see the whole layout in one pl
 
     tg:key:{sha256}        hash   one API key: account, name, prefix, created_at, status
     tg:account:{id}:keys   set    sha256 of the account's keys
+
+Money (extproc/ledger.py, scripts in extproc/store_scripts.py; amounts in integer µcr):
+
+    tg:acct:{account}           hash   balance, pending (reserved, not yet settled)
+    tg:accounts                 set    every account that has a balance
+    tg:rl:{key_hash}:{minute}   hash   req, tok in one fixed minute window; expires after 120 s
+    tg:cc:{key_hash}            zset   in-flight request ids -> reservation expiry (ms)
+    tg:resv:{request_id}        hash   one pending reservation (see store_scripts.RESERVE)
+    tg:resv-due                 zset   pending request ids -> expiry (ms), for the sweeper
+    tg:done:{request_id}        string the request is settled (JSON figures); expires in 30 d
+    tg:grant:{grant_id}         string the grant was applied (idempotency); expires in 30 d
+    tg:ledger:{account}         zset   immutable ledger entries (JSON), scored by ts (ms)
+    tg:usage:{account}          zset   usage records (JSON), scored by ts (ms)
+
+Request ids come from clients (X-Request-ID), so nothing else lives under tg:resv: or tg:done:
+(hence tg:resv-due, not tg:resv:due), and grant ids have their own namespace: a client cannot
+collide with a grant or block it.
 """
 
 from __future__ import annotations
@@ -21,15 +38,71 @@ def account_keys(account: str) -> str:
     return f"tg:account:{account}:keys"
 
 
+def account(account: str) -> str:
+    return f"tg:acct:{account}"
+
+
+def accounts() -> str:
+    return "tg:accounts"
+
+
+def rate_window_prefix(key_hash: str) -> str:
+    """The rate windows of one key share this prefix; the Lua scripts append the minute."""
+    return f"tg:rl:{key_hash}:"
+
+
+def rate_window(key_hash: str, minute: int) -> str:
+    return f"{rate_window_prefix(key_hash)}{minute}"
+
+
+def in_flight(key_hash: str) -> str:
+    return f"tg:cc:{key_hash}"
+
+
+def reservation_prefix() -> str:
+    """Reservations share this prefix; the sweeper appends the request id."""
+    return "tg:resv:"
+
+
+def reservation(request_id: str) -> str:
+    return f"{reservation_prefix()}{request_id}"
+
+
+def reservations_due() -> str:
+    return "tg:resv-due"
+
+
+def done(request_id: str) -> str:
+    return f"tg:done:{request_id}"
+
+
+def grant_done(grant_id: str) -> str:
+    return f"tg:grant:{grant_id}"
+
+
+def ledger(account: str) -> str:
+    return f"tg:ledger:{account}"
+
+
+def usage(account: str) -> str:
+    return f"tg:usage:{account}"
+
+
 def connect(url: str) -> aioredis.Redis:
-    """An asyncio client with a connection pool; replies decoded as str."""
-    return aioredis.from_url(
+    """An asyncio client with a connection pool; replies decoded as str.
+
+    A blocking pool: under load callers wait for a connection instead of failing with
+    MaxConnectionsError once all are in use."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=2,
         socket_timeout=2,
         health_check_interval=30,
+        max_connections=64,
+        timeout=2,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def connect_sync(url: str) -> syncredis.Redis:

@@ -39,6 +39,10 @@ def closed_port() -> int:
     return free_port_block(1)
 
 
+# 1 credit per 1M input tokens, 2 per 1M output tokens, 0.0001 per request.
+PRICE = {"input_per_1m": 1, "output_per_1m": 2, "per_request": "0.0001"}
+
+
 def base_config(
     workers: int = 1, sim_ttft_ms: int = 0, sim_itl_ms: int = 0, output_tokens: int = 12
 ) -> dict[str, Any]:
@@ -65,6 +69,7 @@ def base_config(
                 "name": "vllm-embed",
                 "kind": "vllm",
                 "endpoints": [f"127.0.0.1:{free_port_block()}"],
+                "request_timeout": "10s",
                 "simulate": {},
             },
             {
@@ -79,15 +84,26 @@ def base_config(
                 "kind": "vllm",
                 "endpoints": [f"127.0.0.1:{closed_port()}"],
                 "connect_timeout": "0.25s",
+                "request_timeout": "10s",
                 "health_check": {"interval": "1s"},
             },
         ],
+        "metering": {
+            "reservation_timeout": "60s",
+            "sweep_interval": "1s",
+            "starting_credits": 10,
+        },
         "models": [
-            {"id": "sim-chat", "backend": "vllm-chat", "max_tokens": 512},
-            {"id": "chat-alias", "backend": "vllm-chat", "backend_model": "sim-chat"},
-            {"id": "sim-embed", "backend": "vllm-embed", "kind": "embedding"},
-            {"id": "slow-chat", "backend": "slow"},
-            {"id": "down-chat", "backend": "down"},
+            {"id": "sim-chat", "backend": "vllm-chat", "max_tokens": 512, "pricing": PRICE},
+            {
+                "id": "chat-alias",
+                "backend": "vllm-chat",
+                "backend_model": "sim-chat",
+                "pricing": PRICE,
+            },
+            {"id": "sim-embed", "backend": "vllm-embed", "kind": "embedding", "free": True},
+            {"id": "slow-chat", "backend": "slow", "pricing": PRICE},
+            {"id": "down-chat", "backend": "down", "pricing": PRICE},
         ],
     }
 
@@ -136,9 +152,17 @@ class Gateway:
         return create_key(connect_sync(self.cfg.store_url), name, account).raw
 
 
-def start_gateway(tmp: Path, config: dict[str, Any]) -> Gateway:
+def grant(url: str, account: str, credits: str) -> None:
+    from extproc.cli import main
+
+    assert main(["credits", "grant", account, credits, "--config", url]) == 0
+
+
+def start_gateway(tmp: Path, config: dict[str, Any], credits: str = "1000") -> Gateway:
     path = tmp / "tollgate.yaml"
     path.write_text(yaml.safe_dump(config))
     stack = Stack(path).start(timeout=60)
     key = create_key(connect_sync(stack.cfg.store_url), "tests", "default").raw
+    if credits:
+        grant(str(path), "default", credits)
     return Gateway(stack, key)

@@ -64,5 +64,9 @@ def test_one_cluster_per_backend_with_health_checks() -> None:
         r = by_backend[b.cluster]
         assert r["match"]["headers"][0]["name"] == ROUTE_HEADER
         assert r["route"]["timeout"] == f"{b.request_timeout_s:g}s"
-    ext_proc = hcm["http_filters"][0]["typed_config"]
-    assert ext_proc["failure_mode_allow"] is False
+    filters = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+    assert filters["envoy.filters.http.ext_proc"]["failure_mode_allow"] is False
+    names = [f["name"] for f in hcm["http_filters"]]
+    # Lua first: on the response path it must run after ext_proc (see envoy_config._lua_filter)
+    assert names.index("envoy.filters.http.lua") < names.index("envoy.filters.http.ext_proc")
+    assert names[-1] == "envoy.filters.http.router"

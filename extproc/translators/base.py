@@ -9,8 +9,8 @@ from ..errors import GatewayError
 
 
 class Translator(Protocol):
-    def request(self, op: str, body: dict[str, Any], raw: bytes, stream: bool) -> bytes | None:
-        """The backend's request body, or None to forward ``raw`` unchanged."""
+    def request(self, op: str, body: dict[str, Any], stream: bool) -> bool:
+        """Rewrite ``body`` (parsed) for the backend in place; True if anything changed."""
         ...
 
     def backend_path(self, op: str, path: str) -> str | None:
@@ -39,4 +39,10 @@ def for_backend(backend: Backend, model: Model) -> Translator:
 
     if backend.kind in ("vllm", "openai"):
         return OpenAIToVLLM(model)
-    raise NotImplementedError(f"no translator for backend kind {backend.kind!r} yet")
+    raise GatewayError(
+        "invalid_request_error",
+        f"The model '{model.id}' is served by a '{backend.kind}' backend, which this gateway"
+        " version cannot translate to yet.",
+        "model",
+        status=501,
+    )

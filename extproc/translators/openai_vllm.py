@@ -46,7 +46,7 @@ class OpenAIToVLLM:
     def backend_path(self, op: str, path: str) -> str | None:
         return None
 
-    def request(self, op: str, body: dict[str, Any], raw: bytes, stream: bool) -> bytes | None:
+    def request(self, op: str, body: dict[str, Any], stream: bool) -> bool:
         changed = False
         if self._model.aliased:
             body["model"] = self._model.backend_model
@@ -54,7 +54,7 @@ class OpenAIToVLLM:
         if not stream and "stream_options" in body:
             del body["stream_options"]
             changed = True
-        return orjson.dumps(body) if changed else None
+        return changed
 
     # ----------------------------------------------------------------- response
     def response_status(self, status: int) -> int | None:

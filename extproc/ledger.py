@@ -1,0 +1,275 @@
+"""Credits as a ledger: reserve before the backend runs, settle once when it is done.
+
+A request's charge is a two-phase transfer (as in TigerBeetle's pending transfers): ``reserve``
+creates a pending reservation keyed by the request id with a timeout, after checking the key's
+request/token rate windows and its concurrency; ``settle`` posts the real amount or voids it,
+exactly once; ``sweep`` resolves reservations whose timeout passed by charging the reserved
+amount. available = balance - pending. Ledger entries are immutable JSON records, so
+``reconcile`` can check that the entries add up to the balance.
+
+Every operation is one Lua script (extproc/store_scripts.py): one round trip, atomic.
+
+The request id is the reservation's identity across all accounts: callers should pass an id the
+gateway controls (or one scoped to the key), never a raw client X-Request-ID on its own, and must
+not settle a request whose reserve answered ``duplicate``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from . import store, store_scripts
+from .money import Price
+
+MAX_EXACT = 2**53  # Lua numbers are doubles: every amount and product must stay below this
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per key; 0 means unlimited."""
+
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    request_id: str
+    account: str
+    key_hash: str
+    key_prefix: str
+    model: str
+    backend: str
+    prompt_tokens: int  # the estimate
+    requested_max_tokens: int | None  # None: grant what the balance, the limits and cap allow
+    cap: int  # the model's max_tokens, reduced to fit the context; 0: no completion (embeddings)
+    price: Price
+    limits: Limits
+    ttl_ms: int  # the reservation's timeout: after it, the sweeper charges the reserved amount
+
+
+@dataclass(slots=True)
+class Reservation:
+    """status: ok | duplicate | rate_limit_requests | rate_limit_tokens | concurrency |
+    insufficient_credits. Every figure is filled for every status, so headers can always be
+    sent; a *_remaining of -1 means the limit is 0 (unlimited). ``amount`` on a failed
+    reservation is what it would have cost, when that was computed (else 0)."""
+
+    status: str
+    granted: int
+    amount: int
+    rpm_limit: int
+    rpm_remaining: int
+    tpm_limit: int
+    tpm_remaining: int
+    reset_s: int
+    retry_after: int
+    balance: int
+    pending: int
+    available: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(slots=True)
+class Settlement:
+    """status: ok | duplicate (the first settlement's figures; nothing charged now) | unknown.
+    entry_type: debit | void | expired (the ledger entry that resolved the request), or ""."""
+
+    status: str
+    charged: int
+    balance: int
+    pending: int
+    available: int
+    rpm_remaining: int
+    tpm_remaining: int
+    written_off: int
+    entry_type: str = ""
+
+
+@dataclass(slots=True)
+class Balance:
+    balance: int
+    pending: int
+    available: int
+
+
+class Ledger:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._scripts = store_scripts.register(client)
+
+    async def reserve(self, req: ReserveRequest, now_ms: int | None = None) -> Reservation:
+        now = _now(now_ms)
+        requested = req.requested_max_tokens or 0
+        if min(req.prompt_tokens, requested, req.cap) < 0 or req.ttl_ms <= 0:
+            raise ValueError("prompt_tokens, requested_max_tokens, cap and ttl_ms must be >= 0")
+        p = req.price
+        worst = req.prompt_tokens * p.input_per_1m + max(requested, req.cap) * p.output_per_1m
+        if worst >= MAX_EXACT:
+            raise ValueError("tokens x price out of range for exact arithmetic")
+        minute = now // 60_000
+        keys = [
+            store.reservation(req.request_id),
+            store.done(req.request_id),
+            store.rate_window(req.key_hash, minute),
+            store.in_flight(req.key_hash),
+            store.reservations_due(),
+            store.account(req.account),
+            store.accounts(),
+            store.ledger(req.account),
+            store.usage(req.account),
+        ]
+        args = [
+            req.request_id, req.account, req.key_hash, req.key_prefix, req.model, req.backend,
+            req.prompt_tokens, requested, req.cap,
+            p.input_per_1m, p.output_per_1m, p.per_request,
+            req.limits.rpm, req.limits.tpm, req.limits.concurrency,
+            now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash),
+        ]  # fmt: skip
+        reply = await self._scripts.reserve(keys=keys, args=args)
+        return Reservation(_str(reply[0]), *(int(v) for v in reply[1:]))
+
+    async def settle(
+        self,
+        request_id: str,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        status: int,
+        latency_ms: int,
+        reason: str = "settled",
+        now_ms: int | None = None,
+        charge_reserved: bool = False,
+    ) -> Settlement:
+        """Post the real usage (None = unknown: void), exactly once per request id.
+
+        ``charge_reserved``: the request was served but its usage is unknown (a stream cut off
+        by a backend that reports no running usage): charge the reserved amount.
+        ``latency_ms`` < 0: measure it from the reservation's creation."""
+        unknown = prompt_tokens is None or completion_tokens is None
+        keys = [
+            store.reservation(request_id),
+            store.done(request_id),
+            store.reservations_due(),
+        ]
+        args = [
+            request_id,
+            -2 if charge_reserved else -1 if unknown else prompt_tokens,
+            -2 if charge_reserved else -1 if unknown else completion_tokens,
+            status,
+            latency_ms,
+            _now(now_ms),
+            reason,
+        ]
+        reply = await self._scripts.settle(keys=keys, args=args)
+        figures = (int(v) for v in reply[1:8])
+        return Settlement(_str(reply[0]), *figures, entry_type=_str(reply[8]))
+
+    async def sweep(self, now_ms: int | None = None, limit: int = 100) -> int:
+        """Charge the reserved amount of up to ``limit`` timed-out reservations; how many."""
+        keys = [store.reservations_due()]
+        args = [_now(now_ms), limit, store.reservation_prefix()]
+        return int(await self._scripts.sweep(keys=keys, args=args))
+
+    async def grant(
+        self, account: str, amount: int, note: str = "", grant_id: str | None = None
+    ) -> int:
+        """Add credits; with a ``grant_id``, a repeated grant is applied once. The new balance
+        (the current one for a repeat)."""
+        if amount <= 0 or amount >= MAX_EXACT:
+            raise ValueError("a grant must be a positive amount of micro-credits below 2^53")
+        keys = [
+            store.account(account),
+            store.accounts(),
+            store.ledger(account),
+            store.grant_done(grant_id or ""),
+        ]
+        entry_id = grant_id or f"grant-{uuid.uuid4().hex}"
+        args = [account, amount, note, entry_id, 1 if grant_id else 0, _now(None)]
+        reply = await self._scripts.grant(keys=keys, args=args)
+        return int(reply[1])
+
+    async def balance(self, account: str) -> Balance:
+        balance, pending = await self._client.hmget(store.account(account), "balance", "pending")
+        b, p = int(balance or 0), int(pending or 0)
+        return Balance(b, p, b - p)
+
+    async def transactions(
+        self, account: str, limit: int = 50, before_ms: int | None = None
+    ) -> list[dict]:
+        """Ledger entries, newest first, with ts < ``before_ms``; page on with the last ts.
+
+        A page holds every entry of its oldest millisecond, so it may exceed ``limit`` a little
+        rather than let the next page (ts < that millisecond) skip one. Entries of the same
+        millisecond come in reverse order of their JSON text (the zset's tie-break).
+        """
+        if limit <= 0:
+            return []
+        key = store.ledger(account)
+        top = "+inf" if before_ms is None else f"({before_ms}"
+        page = await self._client.zrevrangebyscore(key, top, "-inf", start=0, num=limit)
+        entries = [orjson.loads(m) for m in page]
+        if len(entries) == limit and entries:
+            last = entries[-1]["ts"]
+            same = await self._client.zrevrangebyscore(key, last, last)
+            entries = [e for e in entries if e["ts"] != last] + [orjson.loads(m) for m in same]
+        return entries
+
+    async def usage(
+        self,
+        account: str,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> list[dict]:
+        """Usage records with since_ms <= ts <= until_ms, newest first, optionally one model."""
+        if limit <= 0:
+            return []
+        key = store.usage(account)
+        top = "+inf" if until_ms is None else str(until_ms)
+        bottom = "-inf" if since_ms is None else str(since_ms)
+        batch = max(limit, 100) if model else limit
+        records: list[dict] = []
+        offset = 0
+        while len(records) < limit:
+            page = await self._client.zrevrangebyscore(key, top, bottom, start=offset, num=batch)
+            for member in page:
+                record = orjson.loads(member)
+                if model is None or record["model"] == model:
+                    records.append(record)
+            if len(page) < batch:
+                break
+            offset += batch
+        return records[:limit]
+
+    async def reconcile(self, account: str) -> tuple[int, int]:
+        """(sum of all ledger amounts, balance), read in one transaction: equal when the
+        ledger balances."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zrange(store.ledger(account), 0, -1)
+        pipe.hget(store.account(account), "balance")
+        members, balance = await pipe.execute()
+        total = sum(orjson.loads(m)["amount"] for m in members)
+        return total, int(balance or 0)
+
+
+def _now(value: int | None) -> int:
+    return wall_ms() if value is None else value

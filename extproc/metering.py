@@ -1,0 +1,206 @@
+"""Metering on the request path: reserve before forwarding, settle after, and the headers that
+tell the client where it stands. The money itself (scripts, ledger) is in ``ledger.py``.
+
+Request lifecycle (README, "Credits and limits"):
+1. Body phase: estimate the prompt (``tokens.py``), take the client's ``max_tokens`` (above the
+   model's cap is a 400) or, when there is none, let the reservation clamp it to what the balance
+   and the tokens-per-minute window can pay; the rate check, concurrency check and reservation
+   are one store round trip. Streams ask the backend for usage on every chunk.
+2. Non-streaming: settled in the response-headers phase from the usage Envoy lifted out of the
+   body (json_to_metadata), so ``X-Credits-*`` ride on the response. Streams: settled by Envoy's
+   Lua stream meter at ``[DONE]`` (POST /settle), or from the last usage seen when the stream is
+   cut (the access log), or by the sweeper at the reserved amount when nothing settles in time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .config import GatewayConfig, Model
+from .errors import GatewayError
+from .ledger import Ledger, Limits, Reservation, ReserveRequest, Settlement
+from .money import Price, format_credits
+from .tokens import estimate_prompt_tokens
+
+
+def _price(model: Model) -> Price:
+    if model.free:
+        return Price()
+    p = model.pricing
+    return Price(
+        input_per_1m=p.input_per_1m,
+        output_per_1m=p.output_per_1m,
+        per_request=p.per_request,
+        per_image=p.per_image,
+        per_audio_second=p.per_audio_second,
+    )
+
+
+def limits_from(cfg_limits: Any) -> Limits:
+    return Limits(
+        rpm=cfg_limits.requests_per_minute,
+        tpm=cfg_limits.tokens_per_minute,
+        concurrency=cfg_limits.concurrent_requests,
+    )
+
+
+class Meter:
+    def __init__(self, cfg: GatewayConfig, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.ttl_ms = int(cfg.metering.reservation_timeout_s * 1000)
+        self.prices = {m.id: _price(m) for m in cfg.models}
+        self.default_limits = limits_from(cfg.metering.default_limits)
+
+    async def reserve(
+        self,
+        request_id: str,
+        principal: Any,
+        model: Model,
+        op: str,
+        body: dict[str, Any],
+        backend_name: str,
+    ) -> Reservation:
+        """Reserve, or raise the GatewayError the client gets (402, 429, 400)."""
+        prompt = estimate_prompt_tokens(op, body)
+        requested: int | None = None
+        if op != "embeddings":
+            requested = body.get("max_completion_tokens") or body.get("max_tokens")
+            param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+            if requested is not None and requested > model.max_tokens:
+                raise GatewayError(
+                    "invalid_request_error",
+                    f"'{param}' is {requested}; this model allows at most {model.max_tokens}.",
+                    param,
+                )
+            cap = min(model.max_tokens, model.context_length - prompt)
+            if cap < 1:
+                raise GatewayError(
+                    "context_length_exceeded",
+                    f"The prompt is about {prompt} tokens; this model's context is "
+                    f"{model.context_length}.",
+                    "messages" if op == "chat" else "prompt",
+                )
+        else:
+            cap = 0
+        res = await self.ledger.reserve(
+            ReserveRequest(
+                request_id=request_id,
+                account=principal.account,
+                key_hash=principal.key_hash,
+                key_prefix=principal.key_prefix,
+                model=model.id,
+                backend=backend_name,
+                prompt_tokens=prompt,
+                requested_max_tokens=requested,
+                cap=cap,
+                price=self.prices[model.id],
+                limits=principal.limits or self.default_limits,
+                ttl_ms=self.ttl_ms,
+            )
+        )
+        if res.status == "ok":
+            return res
+        raise _refusal(res, requested is not None)
+
+    async def settle(
+        self,
+        request_id: str,
+        usage: dict[str, Any] | None,
+        status: int,
+        started_ms: int,
+        reason: str = "settled",
+    ) -> Settlement:
+        prompt = completion = None
+        if usage:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(p, int | float) and isinstance(c, int | float) and p >= 0 and c >= 0:
+                prompt, completion = int(p), int(c)
+        latency = max(0, int(time.time() * 1000) - started_ms) if started_ms else -1
+        # Served (2xx/3xx) but no usage known: charge the reservation, never serve for free.
+        served_unknown = prompt is None and 0 < status < 400
+        return await self.ledger.settle(
+            request_id, prompt, completion, status, latency, reason, charge_reserved=served_unknown
+        )
+
+
+def _refusal(res: Reservation, explicit_max_tokens: bool) -> GatewayError:
+    headers = tuple(rate_headers(res))
+    if res.status == "insufficient_credits":
+        needs = (
+            f"this request needs up to {format_credits(res.amount)} credits"
+            if res.amount > 0
+            else "the balance cannot pay for the prompt and one output token"
+        )
+        return GatewayError(
+            "insufficient_credits",
+            f"Insufficient credits: {needs}; {format_credits(res.available)} available.",
+            headers=headers,
+        )
+    if res.status == "rate_limit_requests":
+        message = f"Rate limit reached: {res.rpm_limit} requests per minute."
+    elif res.status == "rate_limit_tokens":
+        message = f"Rate limit reached: {res.tpm_limit} tokens per minute."
+    elif res.status == "concurrency":
+        message = "Too many requests in flight for this key."
+    elif res.status == "duplicate":
+        return GatewayError(
+            "invalid_request_error",
+            "This X-Request-ID was already used; send a unique id per request.",
+            "x-request-id",
+        )
+    else:
+        return GatewayError("internal_error", f"Reservation failed: {res.status}.")
+    retry = max(1, int(res.retry_after or 1))
+    return GatewayError(
+        "rate_limit_exceeded",
+        f"{message} Retry after {retry}s.",
+        "max_tokens" if res.status == "rate_limit_tokens" and explicit_max_tokens else None,
+        retry_after=retry,
+        headers=headers,
+    )
+
+
+def rate_headers(r: Reservation | Settlement, reset_s: int | None = None) -> list[tuple[str, str]]:
+    """X-RateLimit-* (requests) and OpenAI's x-ratelimit-*-requests / -tokens."""
+    reset = reset_s if reset_s is not None else getattr(r, "reset_s", 60)
+    out: list[tuple[str, str]] = []
+    rpm_limit = getattr(r, "rpm_limit", 0)
+    tpm_limit = getattr(r, "tpm_limit", 0)
+    if rpm_limit > 0:
+        remaining = str(max(0, r.rpm_remaining))
+        out += [
+            ("x-ratelimit-limit", str(rpm_limit)),
+            ("x-ratelimit-remaining", remaining),
+            ("x-ratelimit-reset", str(reset)),
+            ("x-ratelimit-limit-requests", str(rpm_limit)),
+            ("x-ratelimit-remaining-requests", remaining),
+            ("x-ratelimit-reset-requests", f"{reset}s"),
+        ]
+    if tpm_limit > 0:
+        out += [
+            ("x-ratelimit-limit-tokens", str(tpm_limit)),
+            ("x-ratelimit-remaining-tokens", str(max(0, r.tpm_remaining))),
+            ("x-ratelimit-reset-tokens", f"{reset}s"),
+        ]
+    return out
+
+
+def settled_headers(res: Reservation, s: Settlement) -> list[tuple[str, str]]:
+    """Rate headers after settlement (token remaining reflects real usage) plus credits."""
+    out = [
+        ("x-credits-used", format_credits(s.charged)),
+        ("x-credits-remaining", format_credits(s.available)),
+    ]
+    merged = _Merged(res, s)
+    return out + rate_headers(merged, res.reset_s)
+
+
+class _Merged:
+    """Limits from the reservation, remaining counts from the settlement."""
+
+    def __init__(self, res: Reservation, s: Settlement) -> None:
+        self.rpm_limit, self.tpm_limit = res.rpm_limit, res.tpm_limit
+        self.rpm_remaining = s.rpm_remaining if s.status == "ok" else res.rpm_remaining
+        self.tpm_remaining = s.tpm_remaining if s.status == "ok" else res.tpm_remaining
+        self.reset_s = res.reset_s

@@ -1,0 +1,86 @@
+"""Stream settlement inside each worker, fed by Envoy (no ext_proc message per chunk):
+
+* ``AccessLogService`` — Envoy's gRPC access logger streams a record for every finished metered
+  stream, batched (``envoy_config._settle_log``). The record carries the last usage
+  sse_to_metadata lifted out of the stream (the backend reports it on every chunk), so a stream
+  that ran to the end and one the client cut off are both charged for what was generated.
+  Settling is idempotent by request id.
+* ``sweep_forever`` — reservations nobody settled (a worker or the store died in between) are
+  charged at the reserved amount once they time out, with a ledger entry saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from envoy.service.accesslog.v3 import als_pb2_grpc
+
+from .envoy_config import METADATA_NS, USAGE_NS
+from .ledger import Ledger
+from .metering import Meter
+
+log = structlog.get_logger("tollgate.settle")
+
+
+def _usage(prompt: Any, completion: Any) -> dict[str, Any] | None:
+    numbers = isinstance(prompt, int | float) and isinstance(completion, int | float)
+    if numbers and prompt >= 0 and completion >= 0:
+        return {"prompt_tokens": prompt, "completion_tokens": completion}
+    return None
+
+
+def _fields(struct: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in struct.fields.items():
+        kind = v.WhichOneof("kind")
+        out[k] = getattr(v, kind) if kind else None
+    return out
+
+
+class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
+    """Settles finished metered streams from Envoy's gRPC access log."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+
+    async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
+        from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsResponse
+
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                fm = entry.common_properties.metadata.filter_metadata
+                if METADATA_NS not in fm:
+                    continue
+                md = _fields(fm[METADATA_NS])
+                rid = md.get("request_id")
+                if not rid:
+                    continue
+                usage = None
+                if USAGE_NS in fm:
+                    u = _fields(fm[USAGE_NS])
+                    usage = _usage(u.get("prompt_tokens"), u.get("completion_tokens"))
+                status = entry.response.response_code.value
+                flags = entry.common_properties.response_flags
+                if flags.downstream_connection_termination:
+                    reason = "client_disconnected"
+                elif flags.upstream_request_timeout or flags.upstream_connection_termination:
+                    reason = "backend_cut_off"
+                else:
+                    reason = "settled"
+                try:
+                    await self.meter.settle(rid, usage, status, 0, reason)
+                except Exception:  # the sweeper charges the reservation later
+                    log.exception("log_settle_failed", request_id=rid)
+        return StreamAccessLogsResponse()
+
+
+async def sweep_forever(ledger: Ledger, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        with contextlib.suppress(Exception):
+            n = await ledger.sweep()
+            if n:
+                log.warning("reservations_expired", count=n)

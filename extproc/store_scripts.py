@@ -1,0 +1,326 @@
+"""The store's Lua scripts, in one place: reserve, settle, sweep, grant.
+
+Each money operation is one script, so one round trip and atomic. Key names come from
+extproc/store.py: the caller passes the keys it knows in KEYS, and ``reserve`` records in the
+reservation hash the names that ``settle`` and ``sweep`` will need (``k_acct``, ``k_cc``, ...), so
+the scripts never assemble a key name except by appending a minute or request id to a prefix
+that store.py gave them. Keys derived that way are not in KEYS: this needs a single Valkey/Redis
+instance (not Redis Cluster), which is what Tollgate runs.
+
+Numbers: Lua numbers are doubles, exact for integers below 2^53; extproc/ledger.py keeps every
+product (tokens x price per 1M) below that. Integers are written with ``int()`` (``%d``), never
+with Lua's default ``%.14g`` conversion, and JSON is built by ``json()`` for the same reason
+(cjson would print big integers in exponent form). Scripts return integers and strings only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+DONE_TTL_S = 30 * 24 * 3600  # how long a settled request id (or grant id) stays "done"
+WINDOW_TTL_S = 120  # a one-minute rate window lives until well after its minute
+
+# Helpers shared by every script. cost() and affordable() mirror money.token_cost and
+# money.max_affordable_completion, exactly (tests/test_ledger.py checks it on a grid).
+_PRELUDE = r"""
+local function int(n) return string.format('%d', n) end
+
+-- JSON object from a flat list {k1, v1, k2, v2, ...}; numbers as integers, cjson.null as null
+local function json(fields)
+  local parts = {}
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if type(v) == 'number' then v = int(v) else v = cjson.encode(v) end
+    parts[#parts + 1] = cjson.encode(fields[i]) .. ':' .. v
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+local function hash(key)
+  local flat, t = redis.call('HGETALL', key), {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+
+-- money.token_cost: ceil((p * in + c * out) / 1e6) + per_request. Exact while the sum is below
+-- 2^53: a double quotient x / d is off by at most x / d * 2^-53 < 1 / d, less than the distance
+-- from a non-integer x / d to any integer, so math.ceil and math.floor see the true quotient.
+local function cost(pin, pout, preq, p, c)
+  return math.ceil((p * pin + c * pout) / 1000000) + preq
+end
+
+-- min(cap, money.max_affordable_completion(...)), or -1 when not even c = 0 is affordable
+local function affordable(pin, pout, preq, p, cap, available)
+  if cost(pin, pout, preq, p, 0) > available then return -1 end
+  if cost(pin, pout, preq, p, cap) <= available then return cap end
+  -- cost(cap) > available, so this budget is below cap * pout < 2^53 (and pout > 0): exact
+  local budget = (available - preq) * 1000000 - p * pin
+  return math.floor(budget / pout)
+end
+
+local function balances(acct_key)
+  local v = redis.call('HMGET', acct_key, 'balance', 'pending')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0
+end
+
+-- what is left of a limit; -1 means the limit is 0 (unlimited)
+local function left(limit, used)
+  if limit <= 0 then return -1 end
+  return math.max(limit - used, 0)
+end
+
+local function window(key)
+  local v = redis.call('HMGET', key, 'req', 'tok')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0
+end
+
+-- Post a reservation: release it, charge `amount_due` capped at what is available (the rest is
+-- written off, so available never goes negative), record ledger entry, usage record and the
+-- done marker, and forget the reservation. `tok_used` (or nil: keep the reserved count)
+-- replaces the reserved tokens in the reservation's rate window.
+local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, tok_used,
+                    http_status, latency_ms, now)
+  local reserved = tonumber(r.amount)
+  local balance, pending = balances(r.k_acct)
+  pending = pending - reserved
+  local charge = math.min(amount_due, math.max(balance - pending, 0))
+  local written_off = amount_due - charge
+  balance = balance - charge
+  redis.call('HSET', r.k_acct, 'balance', int(balance), 'pending', int(pending))
+  local rl_key = r.k_rl_prefix .. r.minute
+  if tok_used and redis.call('EXISTS', rl_key) == 1 then
+    redis.call('HINCRBY', rl_key, 'tok', int(tok_used - tonumber(r.tok_reserved)))
+  end
+  redis.call('ZREM', r.k_cc, rid)
+  redis.call('ZREM', due_key, rid)
+  redis.call('DEL', resv_key)
+  redis.call('ZADD', r.k_ledger, int(now), json({
+    'id', rid, 'ts', now, 'type', kind, 'amount', -charge, 'balance', balance,
+    'request_id', rid, 'model', r.model, 'key_prefix', r.key_prefix,
+    'tokens_in', tin, 'tokens_out', tout, 'reserved', reserved,
+    'written_off', written_off, 'reason', reason}))
+  redis.call('ZADD', r.k_usage, int(now), json({
+    'ts', now, 'request_id', rid, 'key_prefix', r.key_prefix, 'model', r.model,
+    'backend', r.backend, 'tokens_in', tin, 'tokens_out', tout, 'cost', charge,
+    'latency_ms', latency_ms, 'status', http_status}))
+  redis.call('SET', r.k_done, json({
+    'type', kind, 'charged', charge, 'written_off', written_off, 'k_acct', r.k_acct,
+    'k_rl_prefix', r.k_rl_prefix, 'rpm', tonumber(r.rpm), 'tpm', tonumber(r.tpm)}),
+    'EX', DONE_TTL)
+  return charge, balance, pending, written_off
+end
+"""
+
+# 1. reserve: rate check + concurrency check + credit reservation, in this order.
+# KEYS: resv, done, rate window (this minute), in-flight zset, due zset, account, accounts,
+#       ledger, usage (the last two are only recorded in the reservation, for settle)
+# ARGV: request_id, account, key_hash, key_prefix, model, backend, prompt_tokens,
+#       requested_max_tokens (0 = clamp to what the balance and the limits allow, up to cap;
+#       with cap 0 too, the request generates nothing: embeddings), cap,
+#       input_per_1m, output_per_1m, per_request, rpm, tpm, concurrency (0 = unlimited),
+#       now_ms, ttl_ms, minute, rate window prefix
+# Returns {status, granted, amount, rpm_limit, rpm_remaining, tpm_limit, tpm_remaining,
+#          reset_s, retry_after, balance, pending, available} for every status; status is one
+#          of ok, duplicate, rate_limit_requests, concurrency, rate_limit_tokens,
+#          insufficient_credits. Remaining is -1 for an unlimited (0) limit.
+RESERVE = (
+    _PRELUDE
+    + r"""
+local resv_key, done_key, rl_key, cc_key, due_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local acct_key, accounts_key, ledger_key, usage_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local rid = ARGV[1]
+local prompt, requested, cap = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local pin, pout, preq = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local rpm, tpm, conc = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+local now, ttl, minute = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+
+local reset_s = math.max(math.ceil(((minute + 1) * 60000 - now) / 1000), 1)
+
+local function reply(status, granted, amount, retry_after)
+  local req, tok = window(rl_key)
+  local balance, pending = balances(acct_key)
+  return {status, granted, amount, rpm, left(rpm, req), tpm, left(tpm, tok), reset_s,
+          retry_after, balance, pending, balance - pending}
+end
+
+-- (a) a request id is reserved and settled once
+if redis.call('EXISTS', resv_key) == 1 or redis.call('EXISTS', done_key) == 1 then
+  return reply('duplicate', 0, 0, 0)
+end
+
+-- (b) requests per fixed minute window
+local req, tok = window(rl_key)
+if rpm > 0 and req + 1 > rpm then return reply('rate_limit_requests', 0, 0, reset_s) end
+
+-- (c) concurrency: members whose reservation timed out no longer count
+redis.call('ZREMRANGEBYSCORE', cc_key, '-inf', int(now))
+if conc > 0 and redis.call('ZCARD', cc_key) >= conc then return reply('concurrency', 0, 0, 1) end
+
+-- (d) money, and the token window
+local balance, pending = balances(acct_key)
+local available = balance - pending
+local granted = requested  -- cap 0 and no max_tokens: nothing to generate (embeddings)
+if requested <= 0 and cap > 0 then
+  granted = affordable(pin, pout, preq, prompt, cap, available)
+  if granted < 1 then return reply('insufficient_credits', 0, 0, 0) end
+  if tpm > 0 then granted = math.min(granted, tpm - tok - prompt) end
+  if granted < 1 then return reply('rate_limit_tokens', 0, 0, reset_s) end
+end
+local amount = cost(pin, pout, preq, prompt, granted)
+if tpm > 0 and tok + prompt + granted > tpm then
+  return reply('rate_limit_tokens', 0, amount, reset_s)
+end
+if amount > available then return reply('insufficient_credits', 0, amount, 0) end
+
+-- (e) apply
+redis.call('HINCRBY', rl_key, 'req', 1)
+redis.call('HINCRBY', rl_key, 'tok', int(prompt + granted))
+redis.call('EXPIRE', rl_key, WINDOW_TTL)
+redis.call('ZADD', cc_key, int(now + ttl), rid)
+redis.call('HSET', resv_key,
+  'account', ARGV[2], 'key_hash', ARGV[3], 'key_prefix', ARGV[4], 'model', ARGV[5],
+  'backend', ARGV[6], 'amount', int(amount), 'prompt_est', int(prompt),
+  'granted', int(granted), 'tok_reserved', int(prompt + granted), 'minute', int(minute),
+  'input_per_1m', int(pin), 'output_per_1m', int(pout), 'per_request', int(preq),
+  'rpm', int(rpm), 'tpm', int(tpm), 'created_ms', int(now), 'expires_ms', int(now + ttl),
+  'k_acct', acct_key, 'k_cc', cc_key, 'k_rl_prefix', ARGV[19], 'k_ledger', ledger_key,
+  'k_usage', usage_key, 'k_done', done_key)
+redis.call('ZADD', due_key, int(now + ttl), rid)
+redis.call('HINCRBY', acct_key, 'pending', int(amount))
+redis.call('SADD', accounts_key, ARGV[2])
+return reply('ok', granted, amount, 0)
+"""
+)
+
+# 2. settle: post the real amount, or void, exactly once.
+# KEYS: resv, done, due zset
+# ARGV: request_id, prompt_tokens, completion_tokens (-1 = unknown), http status, latency_ms,
+#       now_ms, reason
+# Void (charge 0) when the usage is unknown, or when the backend failed (status >= 400) and no
+# tokens were used. Otherwise charge the price on the real tokens: below the reserved amount
+# usually, above it only if the backend overran max_tokens (capped at what is available).
+# Returns {status, charged, balance, pending, available, rpm_remaining, tpm_remaining,
+#          written_off, entry type}; status ok | duplicate (the first settlement's figures,
+#          nothing charged now) | unknown (no such reservation).
+SETTLE = (
+    _PRELUDE
+    + r"""
+local resv_key, done_key, due_key = KEYS[1], KEYS[2], KEYS[3]
+local rid, p, c = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local http_status, latency_ms, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local reason = ARGV[7]
+
+local function reply(status, charged, written_off, kind, acct_key, rl_prefix, rpm, tpm)
+  local balance, pending = balances(acct_key)
+  local req, tok = window(rl_prefix .. int(math.floor(now / 60000)))
+  return {status, charged, balance, pending, balance - pending, left(rpm, req), left(tpm, tok),
+          written_off, kind}
+end
+
+local settled = redis.call('GET', done_key)
+if settled then
+  local d = cjson.decode(settled)
+  return reply('duplicate', d.charged, d.written_off, d.type, d.k_acct, d.k_rl_prefix, d.rpm,
+               d.tpm)
+end
+if redis.call('EXISTS', resv_key) == 0 then return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''} end
+
+local r = hash(resv_key)
+if latency_ms < 0 then latency_ms = now - tonumber(r.created_ms) end
+local known = p >= 0 and c >= 0
+local kind, amount_due, tin, tout = 'debit', 0, cjson.null, cjson.null
+local used = 0
+if p == -2 then
+  -- served, but the usage is unknown: charge the reservation (the worst case it covered)
+  amount_due, tin, tout = tonumber(r.amount), tonumber(r.prompt_est), tonumber(r.granted)
+  used = tin + tout
+else
+  if known then tin, tout, used = p, c, p + c end
+  if not known or (http_status >= 400 and p + c == 0) then
+    kind = 'void'
+  else
+    amount_due = cost(tonumber(r.input_per_1m), tonumber(r.output_per_1m),
+                      tonumber(r.per_request), p, c)
+  end
+end
+local charge, _, _, written_off = post(rid, resv_key, r, due_key, amount_due, kind, reason,
+                                       tin, tout, used, http_status, latency_ms, now)
+return reply('ok', charge, written_off, kind, r.k_acct, r.k_rl_prefix, tonumber(r.rpm),
+             tonumber(r.tpm))
+"""
+)
+
+# 3. sweep: resolve reservations whose timeout passed without a settlement, by charging the
+# reserved amount (capped at what is available, like settle). The reserved tokens stay counted.
+# KEYS: due zset.  ARGV: now_ms, limit, reservation key prefix.  Returns how many expired.
+SWEEP = (
+    _PRELUDE
+    + r"""
+local due_key = KEYS[1]
+local now, limit, resv_prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local reason = 'no settlement within the reservation timeout; charged the reserved amount'
+local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', int(now), 'LIMIT', 0, int(limit))
+local expired = 0
+for _, rid in ipairs(ids) do
+  local resv_key = resv_prefix .. rid
+  if redis.call('EXISTS', resv_key) == 1 then
+    local r = hash(resv_key)
+    post(rid, resv_key, r, due_key, tonumber(r.amount), 'expired', reason,
+         tonumber(r.prompt_est), tonumber(r.granted), nil, 0, now - tonumber(r.created_ms), now)
+    expired = expired + 1
+  else
+    redis.call('ZREM', due_key, rid)
+  end
+end
+return expired
+"""
+)
+
+# 4. grant: add credits, once per grant id when one is given.
+# KEYS: account, accounts, ledger, grant marker (only checked when ARGV[5] == '1')
+# ARGV: account, amount, note, entry id, idempotent (1/0), now_ms
+# Returns {status (ok | duplicate), balance}.
+GRANT = (
+    _PRELUDE
+    + r"""
+local acct_key, accounts_key, ledger_key, marker_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local amount, now = tonumber(ARGV[2]), tonumber(ARGV[6])
+local idempotent = ARGV[5] == '1'
+if idempotent and redis.call('EXISTS', marker_key) == 1 then
+  local balance = balances(acct_key)
+  return {'duplicate', balance}
+end
+local balance = redis.call('HINCRBY', acct_key, 'balance', int(amount))
+redis.call('SADD', accounts_key, ARGV[1])
+redis.call('ZADD', ledger_key, int(now), json({
+  'id', ARGV[4], 'ts', now, 'type', 'grant', 'amount', amount, 'balance', balance,
+  'note', ARGV[3]}))
+if idempotent then redis.call('SET', marker_key, int(now), 'EX', DONE_TTL) end
+return {'ok', balance}
+"""
+)
+
+
+def _with_constants(source: str) -> str:
+    return f"local DONE_TTL = {DONE_TTL_S}\nlocal WINDOW_TTL = {WINDOW_TTL_S}\n" + source
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    reserve: AsyncScript
+    settle: AsyncScript
+    sweep: AsyncScript
+    grant: AsyncScript
+
+
+def register(client: aioredis.Redis) -> Scripts:
+    """Register the scripts on a client: calls use EVALSHA and load the script on NOSCRIPT."""
+    return Scripts(
+        reserve=client.register_script(_with_constants(RESERVE)),
+        settle=client.register_script(_with_constants(SETTLE)),
+        sweep=client.register_script(_with_constants(SWEEP)),
+        grant=client.register_script(_with_constants(GRANT)),
+    )

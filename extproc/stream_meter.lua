@@ -1,0 +1,95 @@
+-- Tollgate: metered SSE streams, rewritten inside Envoy so the processor sees no chunk.
+--
+-- The processor asked the backend for usage on every chunk (vLLM: stream_options
+-- include_usage + continuous_usage_stats), so a stream cut short is still charged for what it
+-- generated: sse_to_metadata keeps the latest usage in "tollgate.usage" and Envoy's gRPC access
+-- log hands it to the processor, which settles the stream (ledger.py). Here, per chunk:
+--   * complete events only (a partial event waits for its blank line);
+--   * the per-chunk "usage" objects the client did not ask for are removed;
+--   * the final usage-only event (choices: []) is removed unless the client asked for it;
+--   * before "data: [DONE]" the stream's figures go out as an SSE comment, which SSE clients
+--     (the OpenAI SDK too) ignore:
+--       : tollgate {"object":"tollgate.credits","credits_used":"0.000111",...}
+--     credits_used is the charge the ledger posts for this usage (the same integer formula as
+--     money.token_cost, capped at what was available); credits_remaining is the available
+--     balance at reservation time minus that charge (other requests of the account running at
+--     the same moment are not reflected; GET /v1/credits is exact).
+-- Metadata the processor sets at request time (namespace "tollgate"): stream, request_id,
+-- keep_usage, price_in / price_out / price_req (micro-credits), available (before this request).
+-- No httpCall here: a call yields, and a chunk cannot be held across a yield.
+
+local function credits(micro)
+  local sign = ""
+  if micro < 0 then
+    sign = "-"
+    micro = -micro
+  end
+  local whole = math.floor(micro / 1000000)
+  local frac = string.format("%06d", micro - whole * 1000000)
+  frac = string.gsub(frac, "0+$", "")
+  while string.len(frac) < 2 do
+    frac = frac .. "0"
+  end
+  return string.format("%s%d.%s", sign, whole, frac)
+end
+
+local function figures(handle, md)
+  local usage = handle:streamInfo():dynamicMetadata():get("tollgate.usage") or {}
+  local p = tonumber(usage["prompt_tokens"])
+  local c = tonumber(usage["completion_tokens"])
+  if p == nil or c == nil then
+    return ': tollgate {"object":"tollgate.credits","request_id":"' .. md["request_id"]
+      .. '","credits_used":null,"pending":true}\n\n'
+  end
+  local cost = math.ceil((p * md["price_in"] + c * md["price_out"]) / 1000000) + md["price_req"]
+  local charge = math.min(cost, md["available"])
+  return string.format(
+    ': tollgate {"object":"tollgate.credits","request_id":"%s","prompt_tokens":%d,'
+      .. '"completion_tokens":%d,"credits_used":"%s","credits_remaining":"%s"}\n\n',
+    md["request_id"], p, c, credits(charge), credits(md["available"] - charge)
+  )
+end
+
+local function rewrite_event(event, keep_usage)
+  if string.find(event, '"choices":[]', 1, true) then
+    if keep_usage then
+      return event .. "\n\n"
+    end
+    return ""
+  end
+  return (string.gsub(event, ',"usage":%b{}', "")) .. "\n\n"
+end
+
+function envoy_on_response(handle)
+  local md = handle:streamInfo():dynamicMetadata():get("tollgate")
+  if md == nil or md["stream"] ~= true then
+    return
+  end
+  local ct = handle:headers():get("content-type")
+  if ct == nil or string.find(ct, "text/event-stream", 1, true) == nil then
+    return
+  end
+  local keep_usage = md["keep_usage"] == true
+  local tail = ""
+  for chunk in handle:bodyChunks() do
+    local data = tail .. chunk:getBytes(0, chunk:length())
+    local out = {}
+    local pos = 1
+    while true do
+      local s, e = string.find(data, "\n\n", pos, true)
+      if s == nil then
+        break
+      end
+      local event = string.sub(data, pos, s - 1)
+      if event == "data: [DONE]" then
+        out[#out + 1] = figures(handle, md)
+        out[#out + 1] = "data: [DONE]\n\n"
+      else
+        out[#out + 1] = rewrite_event(event, keep_usage)
+      end
+      pos = e + 1
+    end
+    tail = string.sub(data, pos)
+    chunk:setBytes(table.concat(out))
+  end
+end

