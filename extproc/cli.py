@@ -78,7 +78,16 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     try:
-        key = create_key(_store_client(cfg), args.name, args.account)
+        limits = {
+            name: value
+            for name, value in (
+                ("rpm", args.rpm),
+                ("tpm", args.tpm),
+                ("concurrency", args.concurrency),
+            )
+            if value is not None
+        }
+        key = create_key(_store_client(cfg), args.name, args.account, limits)
     except ValueError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
@@ -358,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--name", required=True)
     kc.add_argument("--account", default="default")
     kc.add_argument("--json", action="store_true", help="print JSON for scripts")
+    kc.add_argument("--rpm", type=int, help="requests per minute for this key (0 = unlimited)")
+    kc.add_argument("--tpm", type=int, help="tokens per minute for this key (0 = unlimited)")
+    kc.add_argument("--concurrency", type=int, help="requests in flight for this key")
     kc.set_defaults(func=cmd_keys_create)
 
     credits = sub.add_parser("credits", help="account balances").add_subparsers(

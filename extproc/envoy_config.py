@@ -131,6 +131,11 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
             "grpc_service": {
                 "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
                 "timeout": _dur(cfg.processor.message_timeout_s),
+                # A worker that died is retried on another before the stream opens.
+                "retry_policy": {
+                    "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+                    "num_retries": 2,
+                },
             },
             # Fail closed: a processor that cannot be reached means a 503, never a free request.
             "failure_mode_allow": False,
@@ -411,6 +416,24 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
                     "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                     "explicit_http_config": {"http2_protocol_options": {}},
                 }
+            },
+            # A dead worker leaves the rotation within a second: TCP health checks, and
+            # ejection on the first locally seen connect failure.
+            "health_checks": [
+                {
+                    "timeout": "0.5s",
+                    "interval": "1s",
+                    "unhealthy_threshold": 1,
+                    "healthy_threshold": 1,
+                    "tcp_health_check": {},
+                }
+            ],
+            "outlier_detection": {
+                "split_external_local_origin_errors": True,
+                "consecutive_local_origin_failure": 1,
+                "interval": "1s",
+                "base_ejection_time": "2s",
+                "max_ejection_percent": 100,
             },
             # Every ext_proc stream is one request on this cluster: the processor sheds load
             # itself (max_inflight), so Envoy's default cap of 1024 must not do it first.

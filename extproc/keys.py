@@ -39,10 +39,20 @@ class CreatedKey:
     account: str
 
 
-def create_key(client: syncredis.Redis, name: str, account: str = "default") -> CreatedKey:
-    """Create and store a key; the returned ``raw`` is the only copy of the secret."""
+def create_key(
+    client: syncredis.Redis,
+    name: str,
+    account: str = "default",
+    limits: dict[str, int] | None = None,
+) -> CreatedKey:
+    """Create and store a key; the returned ``raw`` is the only copy of the secret.
+
+    ``limits``: per-key overrides, any of ``rpm``, ``tpm``, ``concurrency`` (0 = unlimited)."""
     if not name or len(name) > 100:
         raise ValueError("key name must be 1-100 characters")
+    for field_name, value in (limits or {}).items():
+        if field_name not in ("rpm", "tpm", "concurrency") or value < 0:
+            raise ValueError(f"invalid limit {field_name}={value}")
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
     key_hash = hash_key(raw)
     prefix = display_prefix(raw)
@@ -55,6 +65,7 @@ def create_key(client: syncredis.Redis, name: str, account: str = "default") -> 
             "prefix": prefix,
             "created_at": f"{time.time():.3f}",
             "status": "active",
+            **{k: str(v) for k, v in (limits or {}).items()},
         },
     )
     pipe.sadd(store.account_keys(account), key_hash)

@@ -287,6 +287,22 @@ class Stack:
             time.sleep(interval)
         return None
 
+    def restart(self, name: str, timeout: float = 30.0) -> Child:
+        """Stop one child gracefully (SIGTERM) and start it again with the same command; for
+        the store, wait until it answers again (AOF reloaded)."""
+        old = self.child(name)
+        assert old.proc is not None
+        if old.proc.poll() is None:
+            old.proc.terminate()
+            old.proc.wait(timeout=self.grace_s)
+        self.children.remove(old)
+        new = self._spawn(name, old.argv, old.env)
+        if name == "valkey":
+            port = self.cfg.store.port
+            self._wait(new, lambda: port_open("127.0.0.1", port), "store port", timeout)
+            self._wait_store(timeout)
+        return new
+
     def child(self, name: str) -> Child:
         for c in self.children:
             if c.name == name:

@@ -148,8 +148,8 @@ class Gateway:
                 out[name] = int(value)
         return out
 
-    def new_key(self, name: str = "test", account: str = "default") -> str:
-        return create_key(connect_sync(self.cfg.store_url), name, account).raw
+    def new_key(self, name: str = "test", account: str = "default", **limits: int) -> str:
+        return create_key(connect_sync(self.cfg.store_url), name, account, limits).raw
 
 
 def grant(url: str, account: str, credits: str) -> None:

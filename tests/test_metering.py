@@ -1,0 +1,416 @@
+"""Credits and rate limits through the real gateway: reserve, settle, ledger, headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from extproc.metering import _price
+from extproc.money import format_credits, parse_credits, token_cost
+from extproc.tokens import estimate_prompt_tokens
+from tests.harness import Gateway, grant
+
+HELLO = [{"role": "user", "content": "Count the toll booths"}]
+
+
+def _account(gateway: Gateway, credits: str | None = None, **limits: int) -> tuple[str, str]:
+    account = "acct-" + uuid.uuid4().hex[:8]
+    key = gateway.new_key("metering", account, **limits)
+    if credits:
+        grant(str(gateway.stack.config_path), account, credits)
+    return account, key
+
+
+def _get(gateway: Gateway, key: str, path: str) -> dict:
+    r = httpx.get(gateway.v1 + path, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _wait_settled(gateway: Gateway, key: str, timeout: float = 10) -> dict:
+    """Streams settle through Envoy's access log, a fraction of a second after they end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        credits = _get(gateway, key, "/credits")
+        if parse_credits(credits["reserved"]) == 0 or time.monotonic() > deadline:
+            return credits
+        time.sleep(0.1)
+
+
+def _ledger(gateway: Gateway, key: str) -> list[dict]:
+    return _get(gateway, key, "/credits/transactions?limit=1000")["data"]
+
+
+def _reconciles(gateway: Gateway, key: str) -> None:
+    credits = _get(gateway, key, "/credits")
+    entries = _ledger(gateway, key)
+    total = sum(parse_credits(e["amount"]) for e in entries)
+    assert total == parse_credits(credits["balance"]), (entries, credits)
+    assert parse_credits(credits["balance"]) >= 0
+
+
+def test_non_stream_response_carries_credits_and_limits(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5", rpm=100, tpm=100000)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="sim-chat", messages=HELLO, max_tokens=8
+    )
+    reply = raw.parse()
+    h = raw.headers
+    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    cost = token_cost(price, reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert h["x-credits-used"] == format_credits(cost)
+    assert h["x-credits-remaining"] == format_credits(parse_credits("5") - cost)
+    assert h["x-ratelimit-limit"] == h["x-ratelimit-limit-requests"] == "100"
+    assert h["x-ratelimit-remaining"] == h["x-ratelimit-remaining-requests"] == "99"
+    assert 1 <= int(h["x-ratelimit-reset"]) <= 60
+    used = reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert h["x-ratelimit-remaining-tokens"] == str(100000 - used)
+    assert _get(gateway, key, "/credits")["balance"] == format_credits(parse_credits("5") - cost)
+    [entry] = _ledger(gateway, key)[:1]
+    assert entry["type"] == "debit" and entry["request_id"] == h["x-request-id"]
+    assert (entry["tokens_in"], entry["tokens_out"]) == (
+        reply.usage.prompt_tokens,
+        reply.usage.completion_tokens,
+    )
+    _reconciles(gateway, key)
+    usage = _get(gateway, key, "/usage?model=sim-chat")["data"]
+    assert usage[0]["request_id"] == h["x-request-id"]
+    assert usage[0]["status"] == 200 and usage[0]["cost"] == format_credits(cost)
+
+
+def test_stream_final_comment_and_settlement(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    with client.chat.completions.with_streaming_response.create(
+        model="sim-chat", messages=HELLO, stream=True, max_tokens=6
+    ) as resp:
+        rid = resp.headers["x-request-id"]
+        lines = [line for line in resp.iter_lines() if line]
+    comments = [line for line in lines if line.startswith(": tollgate ")]
+    assert len(comments) == 1
+    figures = json.loads(comments[0][len(": tollgate ") :])
+    assert figures["request_id"] == rid and figures["completion_tokens"] == 6
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    # the client asked for no usage: neither per-chunk usage nor the usage-only chunk reach it
+    assert all("usage" not in e and e["choices"] for e in events)
+    credits = _wait_settled(gateway, key)
+    assert parse_credits(credits["reserved"]) == 0
+    entry = _ledger(gateway, key)[0]
+    assert entry["request_id"] == rid and entry["tokens_out"] == 6
+    assert entry["amount"] == "-" + figures["credits_used"]
+    assert credits["available"] == figures["credits_remaining"]
+    _reconciles(gateway, key)
+
+
+def test_stream_keeps_usage_chunk_when_asked(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="sim-chat",
+            messages=HELLO,
+            stream=True,
+            max_tokens=4,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_two_hundred_concurrent_against_a_balance_for_fifty(gateway: Gateway) -> None:
+    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 10}
+    amount = token_cost(price, estimate_prompt_tokens("chat", body), 10)
+    _, key = _account(gateway, format_credits(50 * amount))
+
+    async def all_at_once() -> list[httpx.Response]:
+        # all 200 in flight at once (each waits 3 s at the backend), so every reservation is
+        # taken before the first one settles and frees the unused part of its reserve
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        gateway.v1 + "/chat/completions",
+                        headers={"Authorization": f"Bearer {key}", "x-sim-ttft-ms": "3000"},
+                        json=body,
+                    )
+                    for _ in range(200)
+                )
+            )
+
+    responses = asyncio.run(all_at_once())
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 402]
+    assert len(served) == 50 and len(refused) == 150, [r.status_code for r in responses]
+    assert all(r.json()["error"]["code"] == "insufficient_credits" for r in refused)
+    credits = _get(gateway, key, "/credits")
+    assert parse_credits(credits["balance"]) >= 0 and parse_credits(credits["reserved"]) == 0
+    debits = [e for e in _ledger(gateway, key) if e["type"] == "debit"]
+    assert sorted(e["request_id"] for e in debits) == sorted(
+        r.headers["x-request-id"] for r in served
+    )
+    charged = sum(parse_credits(r.headers["x-credits-used"]) for r in served)
+    assert charged == -sum(parse_credits(e["amount"]) for e in debits)
+    _reconciles(gateway, key)
+
+
+def _start_of_a_minute() -> None:
+    """Fixed one-minute windows: keep a rate test inside one window."""
+    left = 60 - time.time() % 60
+    if left < 12:
+        time.sleep(left + 0.5)
+
+
+def test_ten_requests_per_minute(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5", rpm=10, tpm=5000)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    _start_of_a_minute()
+    tokens_left = 5000
+    for i in range(10):
+        raw = client.chat.completions.with_raw_response.create(
+            model="sim-chat", messages=HELLO, max_tokens=5
+        )
+        usage = raw.parse().usage
+        tokens_left -= usage.prompt_tokens + usage.completion_tokens
+        assert raw.headers["x-ratelimit-remaining-requests"] == str(9 - i)
+        assert raw.headers["x-ratelimit-remaining-tokens"] == str(tokens_left)
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.chat.completions.create(model="sim-chat", messages=HELLO, max_tokens=5)
+    err = exc.value
+    expected = 60 - int(time.time() % 60)
+    retry_after = int(err.response.headers["retry-after"])
+    assert abs(retry_after - expected) <= 2
+    assert err.body["retry_after"] == retry_after
+    assert err.code == "rate_limit_exceeded"
+    assert err.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_insufficient_credits_is_402(gateway: Gateway) -> None:
+    _, key = _account(gateway)
+    r = httpx.post(
+        gateway.v1 + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "sim-chat", "messages": HELLO},
+    )
+    assert r.status_code == 402
+    assert r.json()["error"]["code"] == "insufficient_credits"
+
+
+def test_max_tokens_clamped_to_what_the_balance_pays(gateway: Gateway) -> None:
+    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    body = {"model": "sim-chat", "messages": HELLO}
+    prompt = estimate_prompt_tokens("chat", body)
+    # enough for the prompt and exactly 7 output tokens
+    _, key = _account(gateway, format_credits(token_cost(price, prompt, 7)))
+    rid = uuid.uuid4().hex
+    r = httpx.post(
+        gateway.v1 + "/chat/completions",
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-Request-ID": rid,
+            "x-sim-output-tokens": "50",
+        },
+        json=body,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 7
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    seen = [x for x in gateway.sim_requests() if x["headers"].get("x-request-id") == rid]
+    assert seen[0]["body"]["max_tokens"] == 7
+
+
+def test_stream_cut_by_client_is_charged_for_what_was_generated(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    stream = client.chat.completions.create(
+        model="sim-chat",
+        messages=HELLO,
+        stream=True,
+        max_tokens=200,
+        extra_headers={"x-sim-itl-ms": "100", "x-sim-output-tokens": "200"},
+    )
+    rid = stream.response.headers["x-request-id"]
+    got = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+        if got == 5:
+            break
+    stream.close()
+    _wait_settled(gateway, key)
+    entry = next(e for e in _ledger(gateway, key) if e.get("request_id") == rid)
+    assert entry["type"] == "debit" and entry["reason"] == "client_disconnected"
+    assert 5 <= entry["tokens_out"] <= 7, entry  # what passed Envoy before the cut
+    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    assert entry["amount"] == "-" + format_credits(
+        token_cost(price, entry["tokens_in"], entry["tokens_out"])
+    )
+    _reconciles(gateway, key)
+
+
+def test_backend_error_is_not_charged(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5")
+    r = httpx.post(
+        gateway.v1 + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}", "x-sim-error": "500"},
+        json={"model": "sim-chat", "messages": HELLO},
+    )
+    assert r.status_code == 502
+    assert r.headers["x-credits-used"] == "0.00"
+    [entry] = _ledger(gateway, key)[:1]
+    assert entry["type"] == "void"
+    _reconciles(gateway, key)
+
+
+def test_backend_down_is_voided(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5")
+    r = httpx.post(
+        gateway.v1 + "/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "down-chat", "messages": HELLO},
+    )
+    assert r.status_code == 503
+    credits = _wait_settled(gateway, key)
+    assert parse_credits(credits["reserved"]) == 0
+    assert credits["balance"] == "5.00"
+
+
+def test_reused_request_id_is_refused(gateway: Gateway) -> None:
+    _, key = _account(gateway, "5")
+    rid = uuid.uuid4().hex
+    headers = {"Authorization": f"Bearer {key}", "X-Request-ID": rid}
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 3}
+    assert (
+        httpx.post(gateway.v1 + "/chat/completions", headers=headers, json=body).status_code == 200
+    )
+    again = httpx.post(gateway.v1 + "/chat/completions", headers=headers, json=body)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "x-request-id"
+    assert len([e for e in _ledger(gateway, key) if e.get("request_id") == rid]) == 1
+
+
+def test_settlement_replayed_through_the_access_log_charges_once(gateway: Gateway) -> None:
+    import asyncio
+
+    import grpc
+    from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+    _, key = _account(gateway, "5")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    with client.chat.completions.with_streaming_response.create(
+        model="sim-chat", messages=HELLO, stream=True, max_tokens=4
+    ) as resp:
+        rid = resp.headers["x-request-id"]
+        list(resp.iter_lines())
+    before = _wait_settled(gateway, key)
+
+    entry = als_pb2.StreamAccessLogsMessage()
+    log = entry.http_logs.log_entry.add()
+    log.common_properties.metadata.filter_metadata["tollgate"].update(
+        {"stream": True, "request_id": rid}
+    )
+    log.common_properties.metadata.filter_metadata["tollgate.usage"].update(
+        {"prompt_tokens": 1000, "completion_tokens": 1000}
+    )
+    log.response.response_code.value = 200
+
+    async def replay() -> None:
+        port = gateway.cfg.processor.port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = als_pb2_grpc.AccessLogServiceStub(channel)
+            await stub.StreamAccessLogs(iter([entry, entry]))
+
+    asyncio.run(replay())
+    assert _get(gateway, key, "/credits") == before
+    assert len([e for e in _ledger(gateway, key) if e.get("request_id") == rid]) == 1
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "status", "param"),
+    [
+        (-5, 400, "max_tokens"),
+        (1.5, 400, "max_tokens"),
+        ("7", 400, "max_tokens"),
+        (513, 400, "max_tokens"),
+    ],
+)
+def test_bad_max_tokens(gateway: Gateway, max_tokens: object, status: int, param: str) -> None:
+    # sim-chat's cap is 512: above it is a 400, never a silent clamp of an explicit value
+    r = httpx.post(
+        gateway.v1 + "/chat/completions",
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        json={"model": "sim-chat", "messages": HELLO, "max_tokens": max_tokens},
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_account_endpoints_are_scoped_to_the_caller(gateway: Gateway) -> None:
+    a, key_a = _account(gateway, "3")
+    _, key_b = _account(gateway, "7")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key_a, max_retries=0)
+    client.chat.completions.create(model="sim-chat", messages=HELLO, max_tokens=2)
+    assert _get(gateway, key_a, "/credits")["account"] == a
+    assert _get(gateway, key_b, "/credits")["balance"] == "7.00"
+    assert [e["type"] for e in _ledger(gateway, key_b)] == ["grant"]
+    assert _get(gateway, key_b, "/usage")["data"] == []
+
+
+def _cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", *args, "--config", str(gateway.stack.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_cli_grant_show_and_usage(gateway: Gateway) -> None:
+    account, key = _account(gateway)
+    ok = _cli(gateway, "credits", "grant", account, "12.345678", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["balance"] == "12.345678"
+    bad = _cli(gateway, "credits", "grant", account, "1.1234567")
+    assert bad.returncode == 2 and "6 decimal" in bad.stderr
+    for amount in ("-3", "0", "abc"):
+        assert _cli(gateway, "credits", "grant", account, amount).returncode == 2
+    show = _cli(gateway, "credits", "show", account)
+    assert show.returncode == 0 and "12.345678" in show.stdout
+    openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0).chat.completions.create(
+        model="sim-chat", messages=HELLO, max_tokens=2
+    )
+    usage = _cli(gateway, "usage", "--account", account, "--json")
+    rows = json.loads(usage.stdout)
+    assert len(rows) == 1 and rows[0]["model"] == "sim-chat"
+    assert _cli(gateway, "usage", "--since", "yesterday").returncode == 2
+
+
+def test_store_layout_keeps_no_raw_key(gateway: Gateway, tmp_path: Path) -> None:
+    from extproc.store import connect_sync
+
+    _, key = _account(gateway, "1")
+    client = connect_sync(gateway.cfg.store_url)
+    for name in client.scan_iter("tg:*"):
+        kind = client.type(name)
+        dump = json.dumps(
+            client.hgetall(name)
+            if kind == "hash"
+            else client.zrange(name, 0, -1)
+            if kind == "zset"
+            else client.get(name)
+            if kind == "string"
+            else []
+        )
+        assert key not in dump and key not in name

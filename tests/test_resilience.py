@@ -1,0 +1,106 @@
+"""No debit lost or charged twice when a processor worker is SIGKILLed mid-stream and the
+store restarts under load: afterwards the ledger reconciles to the micro-credit."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from extproc.money import parse_credits
+from tests.harness import Gateway, base_config, grant, start_gateway
+
+HELLO = [{"role": "user", "content": "Count the toll booths, slowly"}]
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    cfg = base_config(workers=2, sim_itl_ms=20, output_tokens=20)
+    cfg["backends"][0]["request_timeout"] = "5s"
+    cfg["backends"][2]["request_timeout"] = "1s"
+    cfg["metering"] = {"reservation_timeout": "12s", "sweep_interval": "1s"}
+    gw = start_gateway(tmp_path_factory.mktemp("fragile"), cfg, credits="")
+    try:
+        yield gw
+    finally:
+        gw.stack.stop()
+
+
+def _one(gw: Gateway, key: str, stream: bool) -> tuple[str, int, bool]:
+    """(request id, status, served in full)."""
+    rid = uuid.uuid4().hex
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 20, "stream": stream}
+    headers = {"Authorization": f"Bearer {key}", "X-Request-ID": rid}
+    try:
+        with httpx.stream(
+            "POST", gw.v1 + "/chat/completions", headers=headers, json=body, timeout=15
+        ) as r:
+            text = r.read().decode()
+            full = r.status_code == 200 and (not stream or "data: [DONE]" in text)
+            return rid, r.status_code, full
+    except httpx.HTTPError:
+        return rid, 0, False
+
+
+def test_ledger_reconciles_after_worker_kill_and_store_restart(fragile: Gateway) -> None:
+    gw = fragile
+    account = "acct-" + uuid.uuid4().hex[:6]
+    key = gw.new_key("fragile", account)
+    grant(str(gw.stack.config_path), account, "100")
+    results: list[tuple[str, int, bool]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            results.append(_one(gw, key, stream=random.random() < 0.6))
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        for _ in range(12):
+            pool.submit(load)
+        time.sleep(2)
+        victim = gw.stack.child("worker-0")
+        assert victim.proc is not None
+        victim.proc.kill()  # SIGKILL, streams in flight
+        time.sleep(2)
+        gw.stack.restart("valkey")  # SIGTERM; AOF on; back under load
+        time.sleep(3)
+        stop.set()
+
+    served = [rid for rid, status, full in results if status == 200]
+    statuses = {s for _, s, _ in results}
+    assert len(served) > 50, statuses
+    assert statuses <= {200, 503, 0}, statuses
+    # every reservation resolves: settled, voided, or expired by the sweeper
+    deadline = time.monotonic() + 30
+    while True:
+        credits = httpx.get(gw.v1 + "/credits", headers={"Authorization": f"Bearer {key}"}).json()
+        if "reserved" not in credits:
+            print(credits)
+            time.sleep(0.5)
+            continue
+        if parse_credits(credits["reserved"]) == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert parse_credits(credits["reserved"]) == 0, credits
+    entries = httpx.get(
+        gw.v1 + "/credits/transactions?limit=1000", headers={"Authorization": f"Bearer {key}"}
+    ).json()["data"]
+    total = sum(parse_credits(e["amount"]) for e in entries)
+    assert total == parse_credits(credits["balance"]), "ledger does not reconcile"
+    assert parse_credits(credits["balance"]) >= 0
+    by_request: dict[str, int] = {}
+    for e in entries:
+        if e.get("request_id"):
+            by_request[e["request_id"]] = by_request.get(e["request_id"], 0) + 1
+    assert all(n == 1 for n in by_request.values()), "a request has two ledger entries"
+    missing = [rid for rid in served if by_request.get(rid) != 1]
+    assert not missing, f"{len(missing)} served requests without exactly one ledger entry"
+    kinds = {e["type"] for e in entries}
+    assert "grant" in kinds and "debit" in kinds
+    print(f"served {len(served)}, statuses {statuses}, entry types {kinds}")
