@@ -168,6 +168,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Metering:
+    enabled: bool = True
     reservation_timeout_s: float = 600.0
     sweep_interval_s: float = 5.0
     default_limits: Limits = field(default_factory=Limits)
@@ -485,7 +486,11 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
     if envoy.log_level not in ("trace", "debug", "info", "warning", "error", "critical", "off"):
         raise ConfigError("envoy.log_level", f"unknown level {envoy.log_level!r}")
     mr = root.child("metering")
+    enabled = mr.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError("metering.enabled", "expected true or false")
     metering = Metering(
+        enabled=enabled,
         reservation_timeout_s=mr.duration("reservation_timeout", 600.0),
         sweep_interval_s=mr.duration("sweep_interval", 5.0),
         default_limits=_limits(mr.get("default_limits"), "metering.default_limits"),

@@ -376,6 +376,7 @@ def _access_log() -> list[dict[str, Any]]:
 
 def render(cfg: GatewayConfig) -> dict[str, Any]:
     """The Envoy bootstrap for ``cfg`` as a plain dict."""
+    metered = cfg.metering.enabled
     hcm: dict[str, Any] = {
         "@type": _T
         + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -392,11 +393,11 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
             "name": "tollgate",
             "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": _routes(cfg)}],
         },
-        "access_log": [_settle_log()],
+        "access_log": [_settle_log()] if metered else [],
         "http_filters": [
-            _lua_filter(),
+            *([_lua_filter()] if metered else []),
             _ext_proc_filter(cfg),
-            *_metering_filters(),
+            *(_metering_filters() if metered else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"},

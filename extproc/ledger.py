@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from . import store, store_scripts
 from .money import Price
+from .resp import ScriptClient
 
 MAX_EXACT = 2**53  # Lua numbers are doubles: every amount and product must stay below this
 
@@ -82,6 +83,7 @@ class Reservation:
     balance: int
     pending: int
     available: int
+    tokens: int = 0  # prompt estimate + granted: what the reservation counted in the window
 
     @property
     def ok(self) -> bool:
@@ -112,9 +114,10 @@ class Balance:
 
 
 class Ledger:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, fast: ScriptClient | None = None) -> None:
+        """``fast``: a pipelined client for reserve/settle (the request path's two calls)."""
         self._client = client
-        self._scripts = store_scripts.register(client)
+        self._scripts = store_scripts.register(client, fast)
 
     async def reserve(self, req: ReserveRequest, now_ms: int | None = None) -> Reservation:
         now = _now(now_ms)
@@ -145,7 +148,9 @@ class Ledger:
             now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash),
         ]  # fmt: skip
         reply = await self._scripts.reserve(keys=keys, args=args)
-        return Reservation(_str(reply[0]), *(int(v) for v in reply[1:]))
+        res = Reservation(_str(reply[0]), *(int(v) for v in reply[1:12]))
+        res.tokens = req.prompt_tokens + res.granted
+        return res
 
     async def settle(
         self,

@@ -14,14 +14,19 @@ Request lifecycle (README, "Credits and limits"):
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
+
+import structlog
 
 from .config import GatewayConfig, Model
 from .errors import GatewayError
 from .ledger import Ledger, Limits, Reservation, ReserveRequest, Settlement
-from .money import Price, format_credits
+from .money import Price, format_credits, token_cost
 from .tokens import estimate_prompt_tokens
+
+log = structlog.get_logger("tollgate.metering")
 
 
 def _price(model: Model) -> Price:
@@ -51,6 +56,7 @@ class Meter:
         self.ttl_ms = int(cfg.metering.reservation_timeout_s * 1000)
         self.prices = {m.id: _price(m) for m in cfg.models}
         self.default_limits = limits_from(cfg.metering.default_limits)
+        self._pending: set[asyncio.Task[Settlement]] = set()
 
     async def reserve(
         self,
@@ -103,6 +109,45 @@ class Meter:
             return res
         raise _refusal(res, requested is not None)
 
+    def settle_soon(
+        self,
+        request_id: str,
+        model_id: str,
+        res: Reservation,
+        usage: dict[str, Any] | None,
+        status: int,
+        started_ms: int,
+    ) -> Settlement:
+        """Settle without waiting: the script call goes out now (ahead of any later reserve on
+        the same connection) and the response carries the figures it will post, computed with
+        the script's own integer formula. The one approximation: X-Credits-Remaining is the
+        available balance as of this request's reservation minus its charge (requests of the
+        same account in flight at the same time are not reflected; GET /v1/credits is exact).
+        If the call fails, the sweeper charges the reservation later."""
+        reason = "settled" if status < 400 else "backend_error"
+        task = asyncio.ensure_future(self.settle(request_id, usage, status, started_ms, reason))
+        self._pending.add(task)
+        task.add_done_callback(self._settled)
+        tokens = _tokens(usage)
+        before = res.available + res.amount  # available once this reservation is released
+        if tokens is None:
+            due = res.amount if status < 400 else 0
+            used = res.tokens
+        else:
+            p, c = tokens
+            due = 0 if status >= 400 and p + c == 0 else token_cost(self.prices[model_id], p, c)
+            used = p + c
+        charged = min(due, max(before, 0))
+        tpm_left = res.tpm_remaining + res.tokens - used if res.tpm_limit > 0 else -1
+        return Settlement(
+            "ok", charged, 0, 0, before - charged, res.rpm_remaining, tpm_left, due - charged
+        )
+
+    def _settled(self, task: asyncio.Task[Settlement]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settle_failed", error=str(task.exception()))
+
     async def settle(
         self,
         request_id: str,
@@ -111,17 +156,22 @@ class Meter:
         started_ms: int,
         reason: str = "settled",
     ) -> Settlement:
-        prompt = completion = None
-        if usage:
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(p, int | float) and isinstance(c, int | float) and p >= 0 and c >= 0:
-                prompt, completion = int(p), int(c)
+        tokens = _tokens(usage)
+        prompt, completion = tokens if tokens else (None, None)
         latency = max(0, int(time.time() * 1000) - started_ms) if started_ms else -1
         # Served (2xx/3xx) but no usage known: charge the reservation, never serve for free.
         served_unknown = prompt is None and 0 < status < 400
         return await self.ledger.settle(
             request_id, prompt, completion, status, latency, reason, charge_reserved=served_unknown
         )
+
+
+def _tokens(usage: dict[str, Any] | None) -> tuple[int, int] | None:
+    if usage:
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(p, int | float) and isinstance(c, int | float) and p >= 0 and c >= 0:
+            return int(p), int(c)
+    return None
 
 
 def _refusal(res: Reservation, explicit_max_tokens: bool) -> GatewayError:

@@ -106,6 +106,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.cfg = cfg
         self.auth = auth
         self.meter = meter
+        self.metered = cfg.metering.enabled  # off: no reservation, no settlement, no limits
         self.account_api = account_api
         self.catalog = ModelCatalog(cfg)
         self.max_body = cfg.listener.max_request_body_bytes
@@ -136,7 +137,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     elif phase == "request_body":
                         resp = await self._request_body(req, st)
                     elif phase == "response_headers":
-                        resp = await self._response_headers(req, st)
+                        resp = self._response_headers(req, st)
                     elif phase == "response_body":
                         resp = self._response_body(req, st)
                     else:
@@ -233,6 +234,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         translator = for_backend(backend, model)
         st.model, st.backend, st.translator, st.stream = model, backend, translator, stream
         client_max = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not self.metered:
+            return self._forward(body, st, client_max, stream)
         # The rate check, concurrency check and reservation: one store round trip.
         try:
             st.reservation = await self.meter.reserve(
@@ -299,9 +302,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         except Exception:  # the sweeper settles it at the reserved amount
             log.exception("void_failed", request_id=st.request_id, reason=reason)
 
-    async def _response_headers(
-        self, req: ProcessingRequest, st: RequestState
-    ) -> ProcessingResponse:
+    def _response_headers(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
         model, translator, res = st.model, st.translator, st.reservation
         if model is None or translator is None:
             return m.CONTINUE_RESPONSE_HEADERS
@@ -320,16 +321,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 fm = req.metadata_context.filter_metadata
                 if USAGE_NS in fm:
                     usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
-                reason = "settled" if status < 400 else "backend_error"
                 st.settled = True
-                try:
-                    s = await self.meter.settle(st.request_id, usage, status, st.started_ms, reason)
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                    # Served, not yet settled: the sweeper charges the reservation later.
-                    log.error("settle_failed", request_id=st.request_id)
-                    pairs += rate_headers(res)
-                else:
-                    pairs += settled_headers(res, s)
+                s = self.meter.settle_soon(
+                    st.request_id, model.id, res, usage, status, st.started_ms
+                )
+                pairs += settled_headers(res, s)
         if not translator.wants_response_body(status, content_type):
             return m.response_headers_response(m.set_headers(pairs))
         if status >= 400:

@@ -7,6 +7,7 @@ every worker as an endpoint of the ext_proc cluster. All shared state is in the 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -22,6 +23,7 @@ from .config import GatewayConfig
 from .ledger import Ledger
 from .metering import Meter, limits_from
 from .processor import Processor
+from .resp import ScriptClient
 from .settle_service import SettleLog, sweep_forever
 
 READY_LINE = "processor worker ready"
@@ -31,7 +33,10 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     log = structlog.get_logger("tollgate.worker")
     client = store.connect(cfg.store_url)
     await client.ping()
-    ledger = Ledger(client)
+    fast = None
+    if cfg.store_url.startswith(("redis://", "unix://")):
+        fast = ScriptClient(cfg.store_url)
+    ledger = Ledger(client, fast)
     meter = Meter(cfg, ledger)
     auth = KeyAuthenticator(
         client,
@@ -68,6 +73,10 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
 def run(cfg: GatewayConfig, index: int) -> int:
     logs.configure(f"worker-{index}")
     try:
+        if os.environ.get("TOLLGATE_UVLOOP", "1") == "1":
+            import uvloop
+
+            uvloop.install()  # the store's socket I/O runs on this loop (grpc has its own poller)
         asyncio.run(serve(cfg, index))
     except OSError as exc:
         print(f"worker {index}: {exc}", file=sys.stderr)

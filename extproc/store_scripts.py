@@ -16,9 +16,11 @@ with Lua's default ``%.14g`` conversion, and JSON is built by ``json()`` for the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
+
+from .resp import FastScript, ScriptClient
 
 DONE_TTL_S = 30 * 24 * 3600  # how long a settled request id (or grant id) stays "done"
 WINDOW_TTL_S = 120  # a one-minute rate window lives until well after its minute
@@ -310,17 +312,20 @@ def _with_constants(source: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Scripts:
-    reserve: AsyncScript
-    settle: AsyncScript
-    sweep: AsyncScript
-    grant: AsyncScript
+    reserve: Any  # redis-py AsyncScript or resp.FastScript: await s(keys=[...], args=[...])
+    settle: Any
+    sweep: Any
+    grant: Any
 
 
-def register(client: aioredis.Redis) -> Scripts:
-    """Register the scripts on a client: calls use EVALSHA and load the script on NOSCRIPT."""
+def register(client: aioredis.Redis, fast: ScriptClient | None = None) -> Scripts:
+    """Register the scripts on a client: calls use EVALSHA and load the script on NOSCRIPT.
+
+    With ``fast``, the hot path's scripts (reserve, settle) go through the pipelined client."""
+    reserve, settle = _with_constants(RESERVE), _with_constants(SETTLE)
     return Scripts(
-        reserve=client.register_script(_with_constants(RESERVE)),
-        settle=client.register_script(_with_constants(SETTLE)),
+        reserve=FastScript(fast, reserve) if fast else client.register_script(reserve),
+        settle=FastScript(fast, settle) if fast else client.register_script(settle),
         sweep=client.register_script(_with_constants(SWEEP)),
         grant=client.register_script(_with_constants(GRANT)),
     )

@@ -12,6 +12,7 @@ CPU the processor workers and the gateway's Envoy spent per request (from /proc,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -62,8 +63,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def gateway_config(workers: int, itl_ms: float = 0.0) -> dict[str, Any]:
+def gateway_config(workers: int, itl_ms: float = 0.0, metered: bool = True) -> dict[str, Any]:
     return {
+        "metering": {"enabled": metered},
         "listener": {"port": _free_port()},
         "processor": {"port": _free_block(workers), "workers": workers},
         "envoy": {"admin_port": _free_port(), "log_level": "error"},
@@ -83,7 +85,9 @@ def gateway_config(workers: int, itl_ms: float = 0.0) -> dict[str, Any]:
                 },
             }
         ],
-        "models": [{"id": MODEL, "backend": "sim"}],
+        "models": [
+            {"id": MODEL, "backend": "sim", "pricing": {"input_per_1m": 1, "output_per_1m": 2}}
+        ],
     }
 
 
@@ -143,6 +147,18 @@ def bare_envoy_bootstrap(stack: Stack, port: int, admin_port: int) -> dict[str, 
             "clusters": [backend_cluster(backend)],
         },
     }
+
+
+async def _fund(url: str, account: str) -> None:
+    """Credits and no limits for the benchmark account, so nothing but speed is measured."""
+    from extproc.ledger import Ledger
+    from extproc.store import connect
+
+    client = connect(url)
+    try:
+        await Ledger(client).grant(account, 10**15, "loadtest")
+    finally:
+        await client.aclose()
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -232,15 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
-    cfg_path = tmp / "tollgate.yaml"
-    cfg_path.write_text(yaml.safe_dump(gateway_config(args.workers)))
-    load_config(cfg_path)
-    stack = Stack(cfg_path)
+    stacks: dict[str, Stack] = {}
+    for name, metered in (("gateway", True), ("unmetered", False)):
+        (tmp / name).mkdir()
+        cfg_path = tmp / name / "tollgate.yaml"
+        cfg_path.write_text(yaml.safe_dump(gateway_config(args.workers, metered=metered)))
+        load_config(cfg_path)
+        stacks[name] = Stack(cfg_path)
+    stack = stacks["gateway"]
     bare_proc: subprocess.Popen[bytes] | None = None
     results: list[Result] = []
     try:
-        stack.start(timeout=60)
-        key = create_key(connect_sync(stack.cfg.store_url), "loadtest", "bench").raw
+        keys = {}
+        for name, st in stacks.items():
+            st.start(timeout=60)
+            keys[name] = create_key(connect_sync(st.cfg.store_url), "loadtest", "bench").raw
+        asyncio.run(_fund(stack.cfg.store_url, "bench"))
         bare_port, bare_admin = _free_port(), _free_port()
         bare_cfg = tmp / "bare-envoy.yaml"
         bare_cfg.write_text(yaml.safe_dump(bare_envoy_bootstrap(stack, bare_port, bare_admin)))
@@ -254,22 +277,29 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("bare Envoy did not start")
             time.sleep(0.1)
-        workers = [c.pid for c in stack.children if c.name.startswith("worker-")]
-        envoy_pid = stack.child("envoy").pid
         targets = {
-            "bare-envoy": f"http://127.0.0.1:{bare_port}/v1",
-            "gateway": f"http://127.0.0.1:{stack.cfg.listener.port}/v1",
+            "bare-envoy": (f"http://127.0.0.1:{bare_port}/v1", None),
+            "unmetered": (
+                f"http://127.0.0.1:{stacks['unmetered'].cfg.listener.port}/v1",
+                stacks["unmetered"],
+            ),
+            "gateway": (f"http://127.0.0.1:{stack.cfg.listener.port}/v1", stack),
         }
         for script in args.scripts.split(","):
             for vus in [int(v) for v in args.vus.split(",")]:
-                for target, url in targets.items():
+                for target, (url, st) in targets.items():
+                    key = keys.get(target, keys["gateway"])
+                    workers = (
+                        [c.pid for c in st.children if c.name.startswith("worker-")] if st else []
+                    )
+                    envoy_pid = [st.child("envoy").pid] if st else []
                     # warm-up: connections, caches
                     run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json")
-                    cpu0 = cpu_seconds(workers), cpu_seconds([envoy_pid])
+                    cpu0 = cpu_seconds(workers), cpu_seconds(envoy_pid)
                     summary = run_k6(script, url, key, vus, args.duration, tmp / "k6.json")
-                    cpu1 = cpu_seconds(workers), cpu_seconds([envoy_pid])
+                    cpu1 = cpu_seconds(workers), cpu_seconds(envoy_pid)
                     r = summarize(target, script, vus, summary)
-                    if target == "gateway" and r.requests:
+                    if st is not None and r.requests:
                         r.processor_us_per_req = (cpu1[0] - cpu0[0]) / r.requests * 1e6
                         r.envoy_us_per_req = (cpu1[1] - cpu0[1]) / r.requests * 1e6
                     results.append(r)
@@ -278,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         if bare_proc is not None:
             bare_proc.terminate()
             bare_proc.wait(timeout=10)
-        stack.stop()
+        for st in stacks.values():
+            st.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
@@ -319,21 +350,27 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"Tollgate loadtest — {meta['date']}, {meta['machine']}, {args.workers} worker(s), "
         f"{args.duration:g}s per scenario",
         "",
-        "| scenario | VUs | bare Envoy req/s | gateway req/s | ratio | bare p50/p99 ms "
-        "| gateway p50/p99 ms | bare TTFB p50 | gateway TTFB p50 | processor µs/req "
-        "| envoy µs/req |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | VUs | bare Envoy req/s | unmetered req/s | metered req/s "
+        "| metered vs unmetered | p50 / p99 ms (bare, unmetered, metered) "
+        "| TTFB p50 ms (bare, unmetered, metered) | processor µs/req (unmetered, metered) "
+        "| Envoy µs/req (unmetered, metered) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by = {(r.script, r.vus, r.target): r for r in results}
     for script in args.scripts.split(","):
         for vus in [int(v) for v in args.vus.split(",")]:
-            b, g = by.get((script, vus, "bare-envoy")), by.get((script, vus, "gateway"))
-            if not (b and g):
+            b = by.get((script, vus, "bare-envoy"))
+            u = by.get((script, vus, "unmetered"))
+            g = by.get((script, vus, "gateway"))
+            if not (b and u and g):
                 continue
             lines.append(
-                f"| {script.removesuffix('.js')} | {vus} | {b.rps:,.0f} | {g.rps:,.0f} "
-                f"| {g.rps / b.rps:.2f} | {b.p50_ms:.2f} / {b.p99_ms:.2f} "
-                f"| {g.p50_ms:.2f} / {g.p99_ms:.2f} | {b.ttfb_p50_ms:.2f} | {g.ttfb_p50_ms:.2f} "
-                f"| {g.processor_us_per_req:.0f} | {g.envoy_us_per_req:.0f} |"
+                f"| {script.removesuffix('.js')} | {vus} | {b.rps:,.0f} | {u.rps:,.0f} "
+                f"| {g.rps:,.0f} | {g.rps / u.rps - 1:+.0%} "
+                f"| {b.p50_ms:.2f}/{b.p99_ms:.1f}, {u.p50_ms:.2f}/{u.p99_ms:.1f}, "
+                f"{g.p50_ms:.2f}/{g.p99_ms:.1f} "
+                f"| {b.ttfb_p50_ms:.2f}, {u.ttfb_p50_ms:.2f}, {g.ttfb_p50_ms:.2f} "
+                f"| {u.processor_us_per_req:.0f}, {g.processor_us_per_req:.0f} "
+                f"| {u.envoy_us_per_req:.0f}, {g.envoy_us_per_req:.0f} |"
             )
     return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The pipelined script client: ordering under concurrency, NOSCRIPT, reconnects, AUTH."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.exceptions
+
+from extproc.resp import FastScript, ScriptClient
+from extproc.supervisor import port_open, valkey_binary
+from tests.harness import free_port_block
+
+ECHO = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
+
+
+@pytest.fixture()
+def valkey() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port_block()
+    cmd = [valkey_binary(), "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([*cmd, "--requirepass", "s3cret"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not port_open("127.0.0.1", port):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield port, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_pipelined_calls_answer_in_order(valkey: tuple[int, subprocess.Popen[bytes]]) -> None:
+    port, _ = valkey
+    script = FastScript(ScriptClient(f"redis://:s3cret@127.0.0.1:{port}/2"), ECHO)
+
+    async def run() -> list[list[object]]:
+        return await asyncio.gather(*(script(keys=["n"], args=[i]) for i in range(300)))
+
+    replies = asyncio.run(run())
+    assert [r[0] for r in replies] == [str(i) for i in range(300)]
+    assert sorted(r[1] for r in replies) == list(range(1, 301))
+    sync = redis.Redis(port=port, password="s3cret", db=2)
+    assert int(sync.get("n")) == 300  # AUTH and SELECT applied
+
+
+def test_noscript_falls_back_and_reconnects(valkey: tuple[int, subprocess.Popen[bytes]]) -> None:
+    port, _ = valkey
+    client = ScriptClient(f"redis://:s3cret@127.0.0.1:{port}/0")
+    script = FastScript(client, ECHO)
+    sync = redis.Redis(port=port, password="s3cret")
+
+    async def run() -> None:
+        assert (await script(keys=["k"], args=["a"]))[1] == 1
+        sync.script_flush()
+        assert (await script(keys=["k"], args=["b"]))[1] == 2  # NOSCRIPT -> EVAL
+        sync.client_kill_filter(_type="normal", skipme=True)
+        await asyncio.sleep(0.1)
+        assert (await script(keys=["k"], args=["c"]))[1] == 3  # reconnected
+
+    asyncio.run(run())
+
+
+def test_errors_are_redis_py_types(valkey: tuple[int, subprocess.Popen[bytes]]) -> None:
+    port, proc = valkey
+    bad = FastScript(ScriptClient(f"redis://:s3cret@127.0.0.1:{port}"), "return redis.call('NOPE')")
+    with pytest.raises(redis.exceptions.ResponseError):
+        asyncio.run(bad(keys=[], args=[]))
+    proc.kill()
+    proc.wait()
+    down = FastScript(ScriptClient(f"redis://127.0.0.1:{port}", timeout=0.5), ECHO)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        asyncio.run(down(keys=["k"], args=["x"]))
