@@ -67,6 +67,11 @@ class _Connection(asyncio.Protocol):
         return waiter
 
 
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(redis.exceptions.TimeoutError("store did not answer in time"))
+
+
 class ScriptClient:
     """EVALSHA over one lazily (re)connected, pipelined connection."""
 
@@ -109,10 +114,12 @@ class ScriptClient:
             return conn
 
     async def _wait(self, waiter: asyncio.Future[Any]) -> Any:
+        # A timer on the future itself: asyncio.wait_for would wrap every call in a task.
+        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, waiter)
         try:
-            return await asyncio.wait_for(waiter, self._timeout)
-        except TimeoutError:
-            raise redis.exceptions.TimeoutError("store did not answer in time") from None
+            return await waiter
+        finally:
+            timer.cancel()
 
     @staticmethod
     def _check(reply: Any) -> Any:

@@ -7,7 +7,6 @@ every worker as an endpoint of the ext_proc cluster. All shared state is in the 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 
@@ -73,10 +72,6 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
 def run(cfg: GatewayConfig, index: int) -> int:
     logs.configure(f"worker-{index}")
     try:
-        if os.environ.get("TOLLGATE_UVLOOP", "1") == "1":
-            import uvloop
-
-            uvloop.install()  # the store's socket I/O runs on this loop (grpc has its own poller)
         asyncio.run(serve(cfg, index))
     except OSError as exc:
         print(f"worker {index}: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -40,18 +41,18 @@ MODEL = "bench-chat"
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _free_block(n: int) -> int:
-    for _ in range(100):
-        base = _free_port()
-        if base + n < 65000 and all(_port_free(p) for p in range(base, base + n)):
+    """Free ports below the ephemeral range (32768+): k6's and Envoy's outgoing connections
+    take ports from it and could grab one between our choice and the bind."""
+    for _ in range(200):
+        base = random.randint(20000, 32700 - n)
+        if all(_port_free(p) for p in range(base, base + n)):
             return base
     raise RuntimeError("no free port block")
+
+
+def _free_port() -> int:
+    return _free_block(1)
 
 
 def _port_free(port: int) -> bool:

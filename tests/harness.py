@@ -18,9 +18,10 @@ from extproc.supervisor import Stack
 
 
 def free_port_block(n: int = 1) -> int:
-    """A base port such that base..base+n-1 are all free (best effort)."""
+    """A base port such that base..base+n-1 are all free (best effort). Drawn below Linux's
+    ephemeral range (32768+), so an outgoing connection cannot take it before we bind it."""
     for _ in range(200):
-        base = random.randint(20000, 60000 - n)
+        base = random.randint(20000, 32700 - n)
         ok = True
         for p in range(base, base + n):
             with socket.socket() as s:
