@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from . import store
+from .config import Limits
 from .errors import GatewayError
 from .keys import KEY_RE, hash_key
-from .ledger import Limits
 
 _LIMIT_FIELDS = ("rpm", "tpm", "concurrency")
 

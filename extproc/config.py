@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .money import FREE_PRICE, Price, parse_credits
+
 BACKEND_KINDS = ("vllm", "tgi", "tei", "openai")
 MODEL_KINDS = ("chat", "embedding")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -92,17 +94,6 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
-class Pricing:
-    """Prices in micro-credits (see extproc/money.py); written in credits in the config."""
-
-    input_per_1m: int = 0
-    output_per_1m: int = 0
-    per_request: int = 0
-    per_image: int = 0
-    per_audio_second: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class Model:
     id: str
     backend: str
@@ -111,8 +102,13 @@ class Model:
     context_length: int = 32768
     max_tokens: int = 4096
     owned_by: str = "tollgate"
-    pricing: Pricing = field(default_factory=Pricing)
+    pricing: Price = FREE_PRICE  # micro-credits; FREE_PRICE with free=True
     free: bool = False
+
+    @property
+    def price(self) -> Price:
+        """What a request is charged by (all zero for a free model)."""
+        return FREE_PRICE if self.free else self.pricing
 
     @property
     def aliased(self) -> bool:
@@ -159,11 +155,12 @@ class Envoy:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-key limits; 0 means unlimited."""
+    """Per-key limits; 0 means unlimited. Written in the config as requests_per_minute,
+    tokens_per_minute, concurrent_requests."""
 
-    requests_per_minute: int = 0
-    tokens_per_minute: int = 0
-    concurrent_requests: int = 0
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,8 +379,6 @@ def _backend(data: Any, path: str) -> Backend:
 
 
 def _credits(value: Any, path: str) -> int:
-    from .money import parse_credits
-
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ConfigError(
             path, f"expected an amount of credits such as 0.5 or '1.25', got {value!r}"
@@ -397,7 +392,7 @@ def _credits(value: Any, path: str) -> int:
     return micro
 
 
-def _pricing(data: Any, path: str) -> Pricing:
+def _pricing(data: Any, path: str) -> Price:
     r = _Reader(data, path)
     fields = ("input_per_1m", "output_per_1m", "per_request", "per_image", "per_audio_second")
     values = {f: _credits(r.get(f), f"{path}.{f}") for f in fields if r.has(f)}
@@ -406,15 +401,15 @@ def _pricing(data: Any, path: str) -> Pricing:
     r.done()
     if not values:
         raise ConfigError(path, f"set at least one of {', '.join(fields)}")
-    return Pricing(**values)
+    return Price(**values)
 
 
 def _limits(data: Any, path: str) -> Limits:
     r = _Reader(data, path)
     limits = Limits(
-        requests_per_minute=r.int("requests_per_minute", 0),
-        tokens_per_minute=r.int("tokens_per_minute", 0),
-        concurrent_requests=r.int("concurrent_requests", 0),
+        rpm=r.int("requests_per_minute", 0),
+        tpm=r.int("tokens_per_minute", 0),
+        concurrency=r.int("concurrent_requests", 0),
     )
     r.done()
     return limits
@@ -438,7 +433,7 @@ def _model(data: Any, path: str, backends: dict[str, Backend]) -> Model:
         context_length=r.int("context_length", 32768, low=1),
         max_tokens=r.int("max_tokens", 4096, low=1),
         owned_by=r.str("owned_by", "tollgate"),
-        pricing=_pricing(r.get("pricing"), f"{path}.pricing") if r.has("pricing") else Pricing(),
+        pricing=_pricing(r.get("pricing"), f"{path}.pricing") if r.has("pricing") else FREE_PRICE,
         free=r.get("free", False),
     )
     r.done()

@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from . import store, store_scripts
+from .config import Limits
 from .money import Price
 from .resp import ScriptClient
 
@@ -37,15 +38,6 @@ def wall_ms() -> int:
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Per key; 0 means unlimited."""
-
-    rpm: int = 0
-    tpm: int = 0
-    concurrency: int = 0
 
 
 @dataclass(frozen=True, slots=True)

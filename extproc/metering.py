@@ -22,40 +22,19 @@ import structlog
 
 from .config import GatewayConfig, Model
 from .errors import GatewayError
-from .ledger import Ledger, Limits, Reservation, ReserveRequest, Settlement
-from .money import Price, format_credits, token_cost
+from .ledger import Ledger, Reservation, ReserveRequest, Settlement
+from .money import format_credits, token_cost
 from .tokens import estimate_prompt_tokens
 
 log = structlog.get_logger("tollgate.metering")
-
-
-def _price(model: Model) -> Price:
-    if model.free:
-        return Price()
-    p = model.pricing
-    return Price(
-        input_per_1m=p.input_per_1m,
-        output_per_1m=p.output_per_1m,
-        per_request=p.per_request,
-        per_image=p.per_image,
-        per_audio_second=p.per_audio_second,
-    )
-
-
-def limits_from(cfg_limits: Any) -> Limits:
-    return Limits(
-        rpm=cfg_limits.requests_per_minute,
-        tpm=cfg_limits.tokens_per_minute,
-        concurrency=cfg_limits.concurrent_requests,
-    )
 
 
 class Meter:
     def __init__(self, cfg: GatewayConfig, ledger: Ledger) -> None:
         self.ledger = ledger
         self.ttl_ms = int(cfg.metering.reservation_timeout_s * 1000)
-        self.prices = {m.id: _price(m) for m in cfg.models}
-        self.default_limits = limits_from(cfg.metering.default_limits)
+        self.prices = {m.id: m.price for m in cfg.models}
+        self.default_limits = cfg.metering.default_limits
         self._pending: set[asyncio.Task[Settlement]] = set()
 
     async def reserve(

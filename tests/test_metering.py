@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 
-from extproc.metering import _price
 from extproc.money import format_credits, parse_credits, token_cost
 from extproc.tokens import estimate_prompt_tokens
 from tests.harness import Gateway, grant
@@ -66,7 +65,7 @@ def test_non_stream_response_carries_credits_and_limits(gateway: Gateway) -> Non
     )
     reply = raw.parse()
     h = raw.headers
-    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    price = gateway.cfg.models_by_id["sim-chat"].price
     cost = token_cost(price, reply.usage.prompt_tokens, reply.usage.completion_tokens)
     assert h["x-credits-used"] == format_credits(cost)
     assert h["x-credits-remaining"] == format_credits(parse_credits("5") - cost)
@@ -130,7 +129,7 @@ def test_stream_keeps_usage_chunk_when_asked(gateway: Gateway) -> None:
 
 
 def test_two_hundred_concurrent_against_a_balance_for_fifty(gateway: Gateway) -> None:
-    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    price = gateway.cfg.models_by_id["sim-chat"].price
     body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 10}
     amount = token_cost(price, estimate_prompt_tokens("chat", body), 10)
     _, key = _account(gateway, format_credits(50 * amount))
@@ -210,7 +209,7 @@ def test_insufficient_credits_is_402(gateway: Gateway) -> None:
 
 
 def test_max_tokens_clamped_to_what_the_balance_pays(gateway: Gateway) -> None:
-    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    price = gateway.cfg.models_by_id["sim-chat"].price
     body = {"model": "sim-chat", "messages": HELLO}
     prompt = estimate_prompt_tokens("chat", body)
     # enough for the prompt and exactly 7 output tokens
@@ -254,7 +253,7 @@ def test_stream_cut_by_client_is_charged_for_what_was_generated(gateway: Gateway
     entry = next(e for e in _ledger(gateway, key) if e.get("request_id") == rid)
     assert entry["type"] == "debit" and entry["reason"] == "client_disconnected"
     assert 5 <= entry["tokens_out"] <= 7, entry  # what passed Envoy before the cut
-    price = _price(gateway.cfg.models_by_id["sim-chat"])
+    price = gateway.cfg.models_by_id["sim-chat"].price
     assert entry["amount"] == "-" + format_credits(
         token_cost(price, entry["tokens_in"], entry["tokens_out"])
     )
