@@ -89,16 +89,6 @@ class RequestState:
         self.started_ms = 0
 
 
-class Stats:
-    """Counters a test or the loadtest runner can read (per worker)."""
-
-    __slots__ = ("messages", "streams")
-
-    def __init__(self) -> None:
-        self.streams = 0
-        self.messages: dict[str, int] = {}
-
-
 class Processor(ep_grpc.ExternalProcessorServicer):
     def __init__(
         self, cfg: GatewayConfig, auth: KeyAuthenticator, meter: Meter, account_api: AccountApi
@@ -112,7 +102,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.max_body = cfg.listener.max_request_body_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
-        self.stats = Stats()
         self._models_list = m.immediate(200, self.catalog.list_body, "tollgate_models")
 
     # ------------------------------------------------------------------ gRPC entry
@@ -121,8 +110,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         # an async-generator handler.
         st = RequestState()
         self.inflight += 1
-        self.stats.streams += 1
-        counts = self.stats.messages
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
             while True:
@@ -130,7 +117,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 if req is eof:
                     return
                 phase = req.WhichOneof("request")
-                counts[phase] = counts.get(phase, 0) + 1
                 try:
                     if phase == "request_headers":
                         resp = await self._request_headers(req, st)

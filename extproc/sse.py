@@ -29,22 +29,7 @@ class EventSplitter:
         self._tail = data[cut:]
         return data[:cut]
 
-    def events(self, chunk: bytes) -> list[bytes]:
-        """Like :meth:`feed`, split into events (without the blank line)."""
-        done = self.feed(chunk)
-        return done.split(_SEP)[:-1] if done else []
-
     def flush(self) -> bytes:
         """What is left at end of stream (an unterminated last event), emptied."""
         tail, self._tail = self._tail, b""
         return tail
-
-
-def data_lines(event: bytes) -> bytes | None:
-    """The payload of an event's ``data:`` lines joined by newlines, or None if it has none."""
-    parts = [
-        line[5:].lstrip(b" ") if len(line) > 5 else b""
-        for line in event.split(b"\n")
-        if line.startswith(b"data:")
-    ]
-    return b"\n".join(parts) if parts else None
