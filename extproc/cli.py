@@ -227,6 +227,20 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_name() -> str:
+    """How the user can call this CLI: `tollgate` if it is on PATH, else its path."""
+    import shutil
+
+    me = Path(sys.argv[0]).resolve()
+    found = shutil.which("tollgate")
+    if found and Path(found).resolve() == me:
+        return "tollgate"
+    try:
+        return str(me.relative_to(Path.cwd()))
+    except ValueError:
+        return str(me)
+
+
 def _starting_credits(cfg: GatewayConfig) -> str:
     """Grant metering.starting_credits to 'default' once (idempotent); the available balance."""
     from .money import format_credits
@@ -256,7 +270,7 @@ Tollgate is up.
   API key  {key}
            (created now for account 'default'; shown once, stored hashed)
   Models   {models}
-  Credits  {{balance}} available to account 'default' (`tollgate credits grant default 100`)
+  Credits  {{balance}} available to account 'default' (more: `{{cli}} credits grant default 100`)
 
 curl:
   curl {url}/chat/completions \\
@@ -319,7 +333,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             key = create_key(connect_sync(stack.cfg.store_url), f"up-{os.getpid()}", "default")
             balance = _starting_credits(stack.cfg)
             banner = _banner(stack.cfg, key.raw).replace("{run}", str(stack.run_dir))
-            print(banner.replace("{balance}", balance), flush=True)
+            banner = banner.replace("{balance}", balance).replace("{cli}", _cli_name())
+            print(banner, flush=True)
         else:
             print(f"tollgate: running {','.join(sorted(parts))}. Ctrl-C stops.", flush=True)
         dead = stack.watch(stop=lambda: stopping)
