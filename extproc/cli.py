@@ -7,6 +7,7 @@
     tollgate credits grant ACCOUNT AMOUNT      add credits (decimal, at most 6 places)
     tollgate credits show ACCOUNT              balance, reserved, available, recent entries
     tollgate usage [--account A --since T --until T --model M]   per-request usage
+    tollgate accounts set-limits ACCOUNT [--rpm N --tpm N --concurrency N]
     tollgate worker --config ... --index N     one processor worker (started by `up`)
 
 Exit codes: 0 success, 1 runtime failure (a part died, the store is unreachable),
@@ -227,6 +228,29 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accounts_set_limits(args: argparse.Namespace) -> int:
+    from . import store
+
+    limits = {"rpm": args.rpm, "tpm": args.tpm, "concurrency": args.concurrency}
+    chosen = {k: v for k, v in limits.items() if v is not None}
+    if not chosen:
+        print("tollgate: give at least one of --rpm, --tpm, --concurrency", file=sys.stderr)
+        return 2
+    if any(v < 0 for v in chosen.values()):
+        print("tollgate: limits must be >= 0 (0 = unlimited)", file=sys.stderr)
+        return 2
+    cfg = _load(args.config)
+    client = _store_client(cfg)
+    client.hset(store.account(args.account), mapping={k: str(v) for k, v in chosen.items()})
+    client.sadd(store.accounts(), args.account)
+    shown = ", ".join(f"{k}={v}" for k, v in chosen.items())
+    print(
+        f"limits for account {args.account}: {shown} (keys without their own limits;"
+        f" workers pick it up within processor.key_cache_ttl)"
+    )
+    return 0
+
+
 def _cli_name() -> str:
     """How the user can call this CLI: `tollgate` if it is on PATH, else its path."""
     import shutil
@@ -401,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("account")
     cs.add_argument("--json", action="store_true")
     cs.set_defaults(func=cmd_credits_show)
+
+    accounts = sub.add_parser("accounts", help="accounts").add_subparsers(
+        dest="accounts", required=True
+    )
+    al = with_config(
+        accounts.add_parser("set-limits", help="default limits for the account's keys")
+    )
+    al.add_argument("account")
+    al.add_argument("--rpm", type=int, help="requests per minute (0 = unlimited)")
+    al.add_argument("--tpm", type=int, help="tokens per minute (0 = unlimited)")
+    al.add_argument("--concurrency", type=int, help="requests in flight (0 = unlimited)")
+    al.set_defaults(func=cmd_accounts_set_limits)
 
     us = with_config(sub.add_parser("usage", help="per-request usage records"))
     us.add_argument("--account", default="default")

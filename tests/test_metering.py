@@ -413,3 +413,22 @@ def test_store_layout_keeps_no_raw_key(gateway: Gateway, tmp_path: Path) -> None
             else []
         )
         assert key not in dump and key not in name
+
+
+def test_account_limits_apply_to_keys_without_their_own(gateway: Gateway) -> None:
+    account, key = _account(gateway, "5")
+    own = gateway.new_key("own", account, rpm=50)
+    r = _cli(gateway, "accounts", "set-limits", account, "--rpm", "3", "--concurrency", "2")
+    assert r.returncode == 0, r.stderr
+    assert _cli(gateway, "accounts", "set-limits", account).returncode == 2
+    assert _cli(gateway, "accounts", "set-limits", account, "--rpm", "-1").returncode == 2
+    time.sleep(gateway.cfg.processor.key_cache_ttl_s + 0.5)  # the workers' key cache
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 2}
+    h = httpx.post(
+        gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body
+    ).headers
+    assert h["x-ratelimit-limit-requests"] == "3"
+    h = httpx.post(
+        gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {own}"}, json=body
+    ).headers
+    assert h["x-ratelimit-limit-requests"] == "50"
