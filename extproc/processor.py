@@ -69,6 +69,7 @@ class RequestState:
         "settled",
         "started",
         "started_ms",
+        "status",
         "stream",
         "translator",
     )
@@ -87,6 +88,7 @@ class RequestState:
         self.stream = False
         self.started = time.monotonic()
         self.started_ms = 0
+        self.status = 0  # what the client was told (0: the stream ended before a response)
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):
@@ -129,15 +131,37 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     else:
                         resp = _continue_other(phase)
                 except GatewayError as err:
+                    st.status = err.status
                     resp = m.error_response(err, st.request_id)
                 except Exception:
                     log.exception("processor_error", request_id=st.request_id, phase=phase)
+                    st.status = _INTERNAL.status
                     resp = m.error_response(_INTERNAL, st.request_id)
                 await write(resp)
         finally:
             self.inflight -= 1
             if st.reservation is not None and not st.settled:
                 await self._void(st, "no_response")
+            self._log(st)
+
+    def _log(self, st: RequestState) -> None:
+        """One line per request (never a key, token or prompt: the key's display prefix only)."""
+        if not st.request_id:
+            return
+        p = st.principal
+        log.info(
+            "request",
+            request_id=st.request_id,
+            account=p.account if p else None,
+            key_prefix=p.key_prefix if p else None,
+            op=st.op.name if st.op else None,
+            model=st.model.id if st.model else None,
+            backend=st.backend.name if st.backend else None,
+            stream=st.stream,
+            status=st.status,
+            reserved=st.reservation.amount if st.reservation else None,
+            ms=round((time.monotonic() - st.started) * 1000, 2),
+        )
 
     # ------------------------------------------------------------------ phases
     async def _request_headers(
@@ -174,10 +198,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
             assert st.principal is not None
             body = await self.account_api.handle(path, headers.get(":path", ""), st.principal)
+            st.status = 200
             return m.immediate(200, body, "tollgate_account")
         if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
             if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
+            st.status = 200
             if path == MODELS_PATH:
                 return self._models_list
             model_id, card = self.catalog.card(path)
@@ -295,6 +321,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         headers = m.header_map(req.response_headers.headers.headers)
         status = int(headers.get(":status", "0") or 0)
         content_type = headers.get("content-type", "")
+        st.status = translator.response_status(status) or status
         pairs: list[tuple[str, str]] = [
             ("x-gateway-model", model.id),
             ("x-gateway-backend", model.backend),

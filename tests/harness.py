@@ -40,6 +40,9 @@ def closed_port() -> int:
     return free_port_block(1)
 
 
+# Every raw key the tests create: test_zz_logs.py checks that none of them reaches a log.
+SECRETS: list[str] = []
+
 # 1 credit per 1M input tokens, 2 per 1M output tokens, 0.0001 per request.
 PRICE = {"input_per_1m": 1, "output_per_1m": 2, "per_request": "0.0001"}
 
@@ -150,7 +153,9 @@ class Gateway:
         return out
 
     def new_key(self, name: str = "test", account: str = "default", **limits: int) -> str:
-        return create_key(connect_sync(self.cfg.store_url), name, account, limits).raw
+        raw = create_key(connect_sync(self.cfg.store_url), name, account, limits).raw
+        SECRETS.append(raw)
+        return raw
 
 
 def grant(url: str, account: str, credits: str) -> None:
@@ -164,6 +169,7 @@ def start_gateway(tmp: Path, config: dict[str, Any], credits: str = "1000") -> G
     path.write_text(yaml.safe_dump(config))
     stack = Stack(path).start(timeout=60)
     key = create_key(connect_sync(stack.cfg.store_url), "tests", "default").raw
+    SECRETS.append(key)
     if credits:
         grant(str(path), "default", credits)
     return Gateway(stack, key)

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from tests.harness import base_config
+from tests.harness import SECRETS, base_config
 
 
 def _children(pid: int) -> set[int]:
@@ -75,6 +75,7 @@ class Up:
         m = re.search(r"API key  (tg_[A-Za-z0-9_-]+)", self.banner)
         assert m, self.banner
         self.key = m.group(1)
+        SECRETS.append(self.key)
         url = re.search(r"URL      (\S+)", self.banner)
         assert url
         self.url = url.group(1)
