@@ -108,8 +108,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
 
     # ------------------------------------------------------------------ gRPC entry
     async def Process(self, request_iterator: Any, context: Any) -> None:
-        # The reader/writer form (context.read/write) costs less per message in grpc.aio than
-        # an async-generator handler.
+        # The reader/writer form (context.read/write); against an async-generator handler it
+        # measured the same within noise. grpc.aio's own cost per message dominates either way.
         st = RequestState()
         self.inflight += 1
         read, write, eof = context.read, context.write, grpc.aio.EOF

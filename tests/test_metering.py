@@ -252,7 +252,8 @@ def test_stream_cut_by_client_is_charged_for_what_was_generated(gateway: Gateway
     _wait_settled(gateway, key)
     entry = next(e for e in _ledger(gateway, key) if e.get("request_id") == rid)
     assert entry["type"] == "debit" and entry["reason"] == "client_disconnected"
-    assert 5 <= entry["tokens_out"] <= 7, entry  # what passed Envoy before the cut
+    # what passed Envoy before it saw the cut (100 ms apart: a loaded machine may pass one more)
+    assert 5 <= entry["tokens_out"] <= 8, entry
     price = gateway.cfg.models_by_id["sim-chat"].price
     assert entry["amount"] == "-" + format_credits(
         token_cost(price, entry["tokens_in"], entry["tokens_out"])
