@@ -9,9 +9,11 @@ amount. available = balance - pending. Ledger entries are immutable JSON records
 
 Every operation is one Lua script (extproc/store_scripts.py): one round trip, atomic.
 
-The request id is the reservation's identity across all accounts: callers should pass an id the
-gateway controls (or one scoped to the key), never a raw client X-Request-ID on its own, and must
-not settle a request whose reserve answered ``duplicate``.
+The request id (the client's X-Request-ID, or the one Envoy generated) is the reservation's
+identity across all accounts. A reused id is refused at reserve (``duplicate``) and the caller
+never settles a request whose reserve was refused, so a reused id can cost nothing to anyone;
+it only makes that one request fail (400). Scoping client ids per account belongs with request-id
+sanitation (issue #6).
 """
 
 from __future__ import annotations

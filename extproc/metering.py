@@ -7,9 +7,11 @@ Request lifecycle (README, "Credits and limits"):
    and the tokens-per-minute window can pay; the rate check, concurrency check and reservation
    are one store round trip. Streams ask the backend for usage on every chunk.
 2. Non-streaming: settled in the response-headers phase from the usage Envoy lifted out of the
-   body (json_to_metadata), so ``X-Credits-*`` ride on the response. Streams: settled by Envoy's
-   Lua stream meter at ``[DONE]`` (POST /settle), or from the last usage seen when the stream is
-   cut (the access log), or by the sweeper at the reserved amount when nothing settles in time.
+   body (json_to_metadata), so ``X-Credits-*`` ride on the response (``settle_soon``). Streams:
+   Envoy's Lua stream meter (``stream_meter.lua``) sends the figures as the stream's last SSE
+   comment, and Envoy's gRPC access log hands the finished stream, with the last usage seen, to
+   ``settle_service.py``, which settles it (cut-off streams included). Whatever nobody settles
+   in time, the sweeper charges at the reserved amount.
 """
 
 from __future__ import annotations

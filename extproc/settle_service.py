@@ -25,13 +25,6 @@ from .metering import Meter
 log = structlog.get_logger("tollgate.settle")
 
 
-def _usage(prompt: Any, completion: Any) -> dict[str, Any] | None:
-    numbers = isinstance(prompt, int | float) and isinstance(completion, int | float)
-    if numbers and prompt >= 0 and completion >= 0:
-        return {"prompt_tokens": prompt, "completion_tokens": completion}
-    return None
-
-
 def _fields(struct: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in struct.fields.items():
@@ -58,10 +51,7 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 rid = md.get("request_id")
                 if not rid:
                     continue
-                usage = None
-                if USAGE_NS in fm:
-                    u = _fields(fm[USAGE_NS])
-                    usage = _usage(u.get("prompt_tokens"), u.get("completion_tokens"))
+                usage = _fields(fm[USAGE_NS]) if USAGE_NS in fm else None
                 status = entry.response.response_code.value
                 flags = entry.common_properties.response_flags
                 if flags.downstream_connection_termination:
