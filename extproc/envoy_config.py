@@ -30,6 +30,7 @@ from .config import Backend, GatewayConfig
 from .errors import CODES, ENVOY_LOCAL_REPLIES
 
 ROUTE_HEADER = "x-tollgate-backend"
+STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
 METADATA_NS = "tollgate"  # what the processor sets at request time (read by Lua and the log)
 USAGE_NS = "tollgate.usage"  # usage lifted out of responses by json_to_metadata/sse_to_metadata
@@ -260,38 +261,57 @@ def _headers_only() -> dict[str, Any]:
     }
 
 
+def _backend_route(b: Backend, header_value: str) -> dict[str, Any]:
+    return {
+        "name": f"to_{header_value}",
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": header_value}}],
+        },
+        "route": {
+            "cluster": b.cluster,
+            "timeout": _dur(b.request_timeout_s),
+            "retry_policy": {
+                "retry_on": "connect-failure,refused-stream",
+                "num_retries": 2,
+                "retry_host_predicate": [
+                    {
+                        "name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": {
+                            "@type": _T
+                            + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                        },
+                    }
+                ],
+                "host_selection_retry_max_attempts": 3,
+            },
+        },
+        # The client's gateway credential never reaches a backend.
+        "request_headers_to_remove": [ROUTE_HEADER, "authorization", "cookie"],
+    }
+
+
+def stream_route_value(backend_name: str) -> str:
+    """The routing header's value for a metered stream to ``backend_name``."""
+    return backend_name + STREAM_SUFFIX
+
+
 def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     for b in cfg.backends:
-        routes.append(
-            {
-                "name": f"to_{b.name}",
-                "match": {
-                    "prefix": "/",
-                    "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": b.name}}],
-                },
-                "route": {
-                    "cluster": b.cluster,
-                    "timeout": _dur(b.request_timeout_s),
-                    "retry_policy": {
-                        "retry_on": "connect-failure,refused-stream",
-                        "num_retries": 2,
-                        "retry_host_predicate": [
-                            {
-                                "name": "envoy.retry_host_predicates.previous_hosts",
-                                "typed_config": {
-                                    "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3"
-                                    ".PreviousHostsPredicate"
-                                },
-                            }
-                        ],
-                        "host_selection_retry_max_attempts": 3,
-                    },
-                },
-                # The client's gateway credential never reaches a backend.
-                "request_headers_to_remove": [ROUTE_HEADER, "authorization", "cookie"],
-            }
-        )
+        # Two routes per backend: metered streams (the Lua stream meter runs) and the rest (Lua
+        # disabled per route: measured, it cost ~30% of the metered throughput on requests it
+        # had nothing to do for).
+        for value, lua_on in ((stream_route_value(b.name), True), (b.name, False)):
+            route = _backend_route(b, value)
+            if cfg.metering.enabled and not lua_on:
+                route["typed_per_filter_config"] = {
+                    "envoy.filters.http.lua": {
+                        "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                        "disabled": True,
+                    }
+                }
+            routes.append(route)
     # Answered by the processor from the config; never forwarded.
     routes.append(
         {

@@ -34,7 +34,7 @@ from . import messages as m
 from .account_api import ACCOUNT_PATHS, AccountApi
 from .auth import KeyAuthenticator, Principal
 from .config import Backend, GatewayConfig, Model
-from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS
+from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
 from .errors import GatewayError
 from .ledger import Reservation
 from .metering import Meter, rate_headers, settled_headers
@@ -300,7 +300,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     }
                 )
                 st.settled = True  # from here on, Envoy's stream meter / access log settle it
-        pairs: list[tuple[str, str]] = [(ROUTE_HEADER, st.backend.name)]
+        route = stream_route_value(st.backend.name) if metadata is not None else st.backend.name
+        pairs: list[tuple[str, str]] = [(ROUTE_HEADER, route)]
         new_body = None
         if changed:
             new_body = orjson.dumps(body)

@@ -59,11 +59,17 @@ def test_one_cluster_per_backend_with_health_checks() -> None:
         assert c["circuit_breakers"]["thresholds"][0]["max_requests"] == b.max_concurrent_requests
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    by_backend = {r["route"]["cluster"]: r for r in routes if "route" in r}
     for b in cfg.backends:
-        r = by_backend[b.cluster]
-        assert r["match"]["headers"][0]["name"] == ROUTE_HEADER
-        assert r["route"]["timeout"] == f"{b.request_timeout_s:g}s"
+        to_backend = [r for r in routes if r.get("route", {}).get("cluster") == b.cluster]
+        # metered streams (Lua stream meter) and the rest (Lua disabled on the route)
+        assert len(to_backend) == 2
+        for r in to_backend:
+            assert r["match"]["headers"][0]["name"] == ROUTE_HEADER
+            assert r["route"]["timeout"] == f"{b.request_timeout_s:g}s"
+        lua = [
+            r.get("typed_per_filter_config", {}).get("envoy.filters.http.lua") for r in to_backend
+        ]
+        assert lua[0] is None and lua[1]["disabled"] is True
     filters = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
     assert filters["envoy.filters.http.ext_proc"]["failure_mode_allow"] is False
     names = [f["name"] for f in hcm["http_filters"]]
