@@ -131,6 +131,7 @@ class Processor:
     message_timeout_s: float = 2.0
     max_inflight: int = 2048
     key_cache_ttl_s: float = 5.0
+    metrics_port: int = 9464  # worker i serves Prometheus text on metrics_port + i
 
     @property
     def bind_host(self) -> str:
@@ -468,6 +469,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         message_timeout_s=pr.duration("message_timeout", 2.0),
         max_inflight=pr.int("max_inflight", 2048, low=1),
         key_cache_ttl_s=pr.duration("key_cache_ttl", 5.0),
+        metrics_port=pr.port("metrics_port", 9464),
     )
     pr.done()
     er = root.child("envoy")
@@ -538,6 +540,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
     }
     for w in range(processor.workers):
         ports[f"processor.port (worker {w})"] = processor.port + w
+        ports[f"processor.metrics_port (worker {w})"] = processor.metrics_port + w
     if store.url is None:
         ports["store.port"] = store.port
     for b in backends.values():

@@ -25,6 +25,7 @@ import structlog
 from .config import GatewayConfig, Model
 from .errors import GatewayError
 from .ledger import Ledger, Reservation, ReserveRequest, Settlement
+from .metrics import Metrics
 from .money import format_credits, token_cost
 from .tokens import estimate_prompt_tokens
 
@@ -32,8 +33,9 @@ log = structlog.get_logger("tollgate.metering")
 
 
 class Meter:
-    def __init__(self, cfg: GatewayConfig, ledger: Ledger) -> None:
+    def __init__(self, cfg: GatewayConfig, ledger: Ledger, metrics: Metrics | None = None) -> None:
         self.ledger = ledger
+        self.metrics = metrics or Metrics()
         self.ttl_ms = int(cfg.metering.reservation_timeout_s * 1000)
         self.prices = {m.id: m.price for m in cfg.models}
         self.default_limits = cfg.metering.default_limits
@@ -87,8 +89,11 @@ class Meter:
             )
         )
         if res.status == "ok":
+            self.metrics.credits.inc("reserved", amount=res.amount)
             return res
-        raise _refusal(res, requested is not None)
+        err = _refusal(res, requested is not None)
+        self.metrics.refusals.inc(err.code)
+        raise err
 
     def settle_soon(
         self,
@@ -119,6 +124,10 @@ class Meter:
             due = 0 if status >= 400 and p + c == 0 else token_cost(self.prices[model_id], p, c)
             used = p + c
         charged = min(due, max(before, 0))
+        self.metrics.credits.inc("settled", amount=charged)
+        if tokens is not None:
+            self.metrics.tokens.inc(model_id, "input", amount=tokens[0])
+            self.metrics.tokens.inc(model_id, "output", amount=tokens[1])
         tpm_left = res.tpm_remaining + res.tokens - used if res.tpm_limit > 0 else -1
         return Settlement(
             "ok", charged, 0, 0, before - charged, res.rpm_remaining, tpm_left, due - charged

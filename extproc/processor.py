@@ -20,6 +20,7 @@ the same 3, with no message per chunk. The common answers are built once and reu
 from __future__ import annotations
 
 import time
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -38,6 +39,7 @@ from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_valu
 from .errors import GatewayError
 from .ledger import Reservation
 from .metering import Meter, rate_headers, settled_headers
+from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
 from .translators import Translator, for_backend
 from .validation import MALFORMED_JSON, json_object, require_model
@@ -93,9 +95,15 @@ class RequestState:
 
 class Processor(ep_grpc.ExternalProcessorServicer):
     def __init__(
-        self, cfg: GatewayConfig, auth: KeyAuthenticator, meter: Meter, account_api: AccountApi
+        self,
+        cfg: GatewayConfig,
+        auth: KeyAuthenticator,
+        meter: Meter,
+        account_api: AccountApi,
+        metrics: Metrics,
     ) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.auth = auth
         self.meter = meter
         self.metered = cfg.metering.enabled  # off: no reservation, no settlement, no limits
@@ -119,6 +127,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 if req is eof:
                     return
                 phase = req.WhichOneof("request")
+                t0 = perf_counter()
                 try:
                     if phase == "request_headers":
                         resp = await self._request_headers(req, st)
@@ -137,6 +146,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     log.exception("processor_error", request_id=st.request_id, phase=phase)
                     st.status = _INTERNAL.status
                     resp = m.error_response(_INTERNAL, st.request_id)
+                self.metrics.phase.observe(perf_counter() - t0, phase)
                 await write(resp)
         finally:
             self.inflight -= 1
@@ -145,10 +155,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             self._log(st)
 
     def _log(self, st: RequestState) -> None:
-        """One line per request (never a key, token or prompt: the key's display prefix only)."""
+        """One line per request (never a key, token or prompt: the key's display prefix only),
+        and the request's metrics."""
         if not st.request_id:
             return
         p = st.principal
+        model = st.model.id if st.model else "-"
+        elapsed = time.monotonic() - st.started
+        self.metrics.requests.inc(
+            model, st.backend.name if st.backend else "-", "openai", str(st.status)
+        )
+        self.metrics.duration.observe(elapsed, model)
         log.info(
             "request",
             request_id=st.request_id,
@@ -160,7 +177,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             stream=st.stream,
             status=st.status,
             reserved=st.reservation.amount if st.reservation else None,
-            ms=round((time.monotonic() - st.started) * 1000, 2),
+            ms=round(elapsed * 1000, 2),
         )
 
     # ------------------------------------------------------------------ phases
@@ -291,6 +308,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                             # for Envoy's Lua stream meter and the settling access log
                             "stream": True,
                             "request_id": st.request_id,
+                            "model": st.model.id if st.model else "",
                             "keep_usage": bool(asked.get("include_usage")),
                             "price_in": price.input_per_1m if price else 0,
                             "price_out": price.output_per_1m if price else 0,

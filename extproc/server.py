@@ -21,6 +21,7 @@ from .auth import KeyAuthenticator
 from .config import GatewayConfig
 from .ledger import Ledger
 from .metering import Meter
+from .metrics import Metrics, serve_metrics
 from .processor import Processor
 from .resp import ScriptClient
 from .settle_service import SettleLog, sweep_forever
@@ -36,13 +37,14 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     if cfg.store_url.startswith(("redis://", "unix://")):
         fast = ScriptClient(cfg.store_url)
     ledger = Ledger(client, fast)
-    meter = Meter(cfg, ledger)
+    metrics = Metrics()
+    meter = Meter(cfg, ledger, metrics)
     auth = KeyAuthenticator(
         client,
         ttl=cfg.processor.key_cache_ttl_s,
         default_limits=cfg.metering.default_limits,
     )
-    processor = Processor(cfg, auth, meter, AccountApi(ledger))
+    processor = Processor(cfg, auth, meter, AccountApi(ledger), metrics)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -52,11 +54,14 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
         ]
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(SettleLog(meter), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(SettleLog(meter, metrics), server)
     port = cfg.processor.port + index
     server.add_insecure_port(f"{cfg.processor.bind_host}:{port}")
     await server.start()
-    sweeper = asyncio.create_task(sweep_forever(ledger, cfg.metering.sweep_interval_s))
+    sweeper = asyncio.create_task(sweep_forever(ledger, cfg.metering.sweep_interval_s, metrics))
+    scrape = await serve_metrics(
+        metrics, cfg.processor.bind_host, cfg.processor.metrics_port + index
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,6 +70,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     print(f"{READY_LINE} port={port}", flush=True)
     await stop.wait()
     sweeper.cancel()
+    scrape.close()
     await server.stop(grace=2)
     await client.aclose()
 

@@ -21,6 +21,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from .envoy_config import METADATA_NS, USAGE_NS
 from .ledger import Ledger
 from .metering import Meter
+from .metrics import Metrics
 
 log = structlog.get_logger("tollgate.settle")
 
@@ -36,8 +37,9 @@ def _fields(struct: Any) -> dict[str, Any]:
 class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
     """Settles finished metered streams from Envoy's gRPC access log."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, metrics: Metrics) -> None:
         self.meter = meter
+        self.metrics = metrics
 
     async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsResponse
@@ -61,16 +63,28 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 else:
                     reason = "settled"
                 try:
-                    await self.meter.settle(rid, usage, status, 0, reason)
+                    settled = await self.meter.settle(rid, usage, status, 0, reason)
                 except Exception:  # the sweeper charges the reservation later
                     log.exception("log_settle_failed", request_id=rid)
+                    continue
+                if settled.status == "ok":
+                    self.metrics.credits.inc("settled", amount=settled.charged)
+                    model = str(md.get("model") or "-")
+                    if usage:
+                        for kind, field in (
+                            ("input", "prompt_tokens"),
+                            ("output", "completion_tokens"),
+                        ):
+                            if isinstance(usage.get(field), int | float):
+                                self.metrics.tokens.inc(model, kind, amount=usage[field])
         return StreamAccessLogsResponse()
 
 
-async def sweep_forever(ledger: Ledger, interval_s: float) -> None:
+async def sweep_forever(ledger: Ledger, interval_s: float, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(interval_s)
         with contextlib.suppress(Exception):
             n = await ledger.sweep()
             if n:
+                metrics.expired.inc(amount=n)
                 log.warning("reservations_expired", count=n)

@@ -167,6 +167,10 @@ class Stack:
             for i in range(cfg.processor.workers):
                 port = cfg.processor.port + i
                 wanted.append((f"processor.port (worker {i})", cfg.processor.bind_host, port))
+                mport = cfg.processor.metrics_port + i
+                wanted.append(
+                    (f"processor.metrics_port (worker {i})", cfg.processor.bind_host, mport)
+                )
         if cfg.embedded_store and self.start_store:
             wanted.append(("store.port", "127.0.0.1", cfg.store.port))
         if self.start_simulators:

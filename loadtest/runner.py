@@ -68,7 +68,11 @@ def gateway_config(workers: int, itl_ms: float = 0.0, metered: bool = True) -> d
     return {
         "metering": {"enabled": metered},
         "listener": {"port": _free_port()},
-        "processor": {"port": _free_block(workers), "workers": workers},
+        "processor": {
+            "port": _free_block(workers),
+            "metrics_port": _free_block(workers),
+            "workers": workers,
+        },
         "envoy": {"admin_port": _free_port(), "log_level": "error"},
         "store": {"data_dir": "data", "port": _free_port()},
         "backends": [

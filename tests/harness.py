@@ -53,7 +53,11 @@ def base_config(
     """A config like the sample one, on free ports, with extra backends for failure tests."""
     return {
         "listener": {"port": free_port_block(), "max_request_body_bytes": 65536},
-        "processor": {"port": free_port_block(workers), "workers": workers},
+        "processor": {
+            "port": free_port_block(workers),
+            "metrics_port": free_port_block(workers),
+            "workers": workers,
+        },
         "envoy": {"admin_port": free_port_block(), "access_log": True},
         "store": {"data_dir": "data", "port": free_port_block()},
         "backends": [
@@ -132,6 +136,11 @@ class Gateway:
     @property
     def admin(self) -> str:
         return f"http://127.0.0.1:{self.cfg.envoy.admin_port}"
+
+    def metrics(self, worker: int = 0) -> str:
+        url = f"http://127.0.0.1:{self.cfg.processor.metrics_port + worker}/metrics"
+        with urllib.request.urlopen(url) as resp:
+            return resp.read().decode()
 
     def sim_url(self, backend: str) -> str:
         e = self.cfg.backends_by_name[backend].endpoints[0]
