@@ -201,46 +201,40 @@ def _refusal(res: Reservation, explicit_max_tokens: bool) -> GatewayError:
     )
 
 
-def rate_headers(r: Reservation | Settlement, reset_s: int | None = None) -> list[tuple[str, str]]:
-    """X-RateLimit-* (requests) and OpenAI's x-ratelimit-*-requests / -tokens."""
-    reset = reset_s if reset_s is not None else getattr(r, "reset_s", 60)
+def rate_headers(
+    res: Reservation, rpm_remaining: int | None = None, tpm_remaining: int | None = None
+) -> list[tuple[str, str]]:
+    """X-RateLimit-* (requests) and OpenAI's x-ratelimit-*-requests / -tokens. Limits and the
+    reset come from the reservation; remaining counts too, unless a settlement updated them."""
+    rpm_left = res.rpm_remaining if rpm_remaining is None else rpm_remaining
+    tpm_left = res.tpm_remaining if tpm_remaining is None else tpm_remaining
+    reset = res.reset_s
     out: list[tuple[str, str]] = []
-    rpm_limit = getattr(r, "rpm_limit", 0)
-    tpm_limit = getattr(r, "tpm_limit", 0)
-    if rpm_limit > 0:
-        remaining = str(max(0, r.rpm_remaining))
+    if res.rpm_limit > 0:
+        remaining = str(max(0, rpm_left))
         out += [
-            ("x-ratelimit-limit", str(rpm_limit)),
+            ("x-ratelimit-limit", str(res.rpm_limit)),
             ("x-ratelimit-remaining", remaining),
             ("x-ratelimit-reset", str(reset)),
-            ("x-ratelimit-limit-requests", str(rpm_limit)),
+            ("x-ratelimit-limit-requests", str(res.rpm_limit)),
             ("x-ratelimit-remaining-requests", remaining),
             ("x-ratelimit-reset-requests", f"{reset}s"),
         ]
-    if tpm_limit > 0:
+    if res.tpm_limit > 0:
         out += [
-            ("x-ratelimit-limit-tokens", str(tpm_limit)),
-            ("x-ratelimit-remaining-tokens", str(max(0, r.tpm_remaining))),
+            ("x-ratelimit-limit-tokens", str(res.tpm_limit)),
+            ("x-ratelimit-remaining-tokens", str(max(0, tpm_left))),
             ("x-ratelimit-reset-tokens", f"{reset}s"),
         ]
     return out
 
 
 def settled_headers(res: Reservation, s: Settlement) -> list[tuple[str, str]]:
-    """Rate headers after settlement (token remaining reflects real usage) plus credits."""
-    out = [
+    """Credits, and rate headers whose token remaining reflects the real usage."""
+    credits = [
         ("x-credits-used", format_credits(s.charged)),
         ("x-credits-remaining", format_credits(s.available)),
     ]
-    merged = _Merged(res, s)
-    return out + rate_headers(merged, res.reset_s)
-
-
-class _Merged:
-    """Limits from the reservation, remaining counts from the settlement."""
-
-    def __init__(self, res: Reservation, s: Settlement) -> None:
-        self.rpm_limit, self.tpm_limit = res.rpm_limit, res.tpm_limit
-        self.rpm_remaining = s.rpm_remaining if s.status == "ok" else res.rpm_remaining
-        self.tpm_remaining = s.tpm_remaining if s.status == "ok" else res.tpm_remaining
-        self.reset_s = res.reset_s
+    if s.status != "ok":
+        return credits + rate_headers(res)
+    return credits + rate_headers(res, s.rpm_remaining, s.tpm_remaining)
