@@ -21,7 +21,8 @@ import yaml
 from .money import FREE_PRICE, Price, parse_credits
 
 BACKEND_KINDS = ("vllm", "tgi", "tei", "openai")
-MODEL_KINDS = ("chat", "embedding")
+MODEL_KINDS = ("chat", "embedding", "rerank", "classify")
+TGI_MODES = ("native", "messages")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -86,6 +87,7 @@ class Backend:
     max_concurrent_requests: int = 1024
     health_check: HealthCheck = field(default_factory=HealthCheck)
     simulate: Simulator | None = None
+    mode: str = "native"  # tgi only: "native" (/generate*) or "messages" (/v1/chat/completions)
 
     @property
     def cluster(self) -> str:
@@ -104,6 +106,7 @@ class Model:
     owned_by: str = "tollgate"
     pricing: Price = FREE_PRICE  # micro-credits; FREE_PRICE with free=True
     free: bool = False
+    chat_template: str | None = None  # Jinja; tgi native backends render chats with it
 
     @property
     def price(self) -> Price:
@@ -374,8 +377,13 @@ def _backend(data: Any, path: str) -> Backend:
         max_concurrent_requests=r.int("max_concurrent_requests", 1024, low=1),
         health_check=health,
         simulate=simulate,
+        mode=r.str("mode", "native"),
     )
     r.done()
+    if backend.mode not in TGI_MODES:
+        raise ConfigError(f"{path}.mode", f"must be one of {', '.join(TGI_MODES)}")
+    if backend.mode != "native" and kind != "tgi":
+        raise ConfigError(f"{path}.mode", "only tgi backends have a mode")
     return backend
 
 
@@ -436,8 +444,13 @@ def _model(data: Any, path: str, backends: dict[str, Backend]) -> Model:
         owned_by=r.str("owned_by", "tollgate"),
         pricing=_pricing(r.get("pricing"), f"{path}.pricing") if r.has("pricing") else FREE_PRICE,
         free=r.get("free", False),
+        chat_template=r.get("chat_template"),
     )
     r.done()
+    if model.chat_template is not None and not (
+        isinstance(model.chat_template, str) and model.chat_template.strip()
+    ):
+        raise ConfigError(f"{path}.chat_template", "expected a Jinja template string")
     if not isinstance(model.free, bool):
         raise ConfigError(f"{path}.free", "expected true or false")
     if model.free and r.has("pricing"):
