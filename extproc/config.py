@@ -177,6 +177,18 @@ class Metering:
 
 
 @dataclass(frozen=True, slots=True)
+class Tracing:
+    """OpenTelemetry: Envoy's tracer and the processor export spans over OTLP/gRPC."""
+
+    otlp_endpoint: Endpoint | None = None  # None: tracing off (the default)
+    sample_ratio: float = 1.0  # of requests Envoy starts a sampled trace for
+    service_name: str = "tollgate"
+
+
+OTLP_ENV = "TOLLGATE_OTLP_ENDPOINT"  # `tollgate up --otlp HOST:PORT` sets it for its children
+
+
+@dataclass(frozen=True, slots=True)
 class Store:
     url: str | None = None
     data_dir: str = ".tollgate/data"
@@ -192,6 +204,7 @@ class GatewayConfig:
     backends: tuple[Backend, ...]
     models: tuple[Model, ...]
     metering: Metering = field(default_factory=Metering)
+    tracing: Tracing = field(default_factory=Tracing)
     source: str = "<memory>"
     backends_by_name: dict[str, Backend] = field(default_factory=dict, compare=False)
     models_by_id: dict[str, Model] = field(default_factory=dict, compare=False)
@@ -209,6 +222,14 @@ class GatewayConfig:
         if self.store.url:
             return self.store.url
         return f"redis://127.0.0.1:{self.store.port}/0"
+
+    @property
+    def otlp_endpoint(self) -> Endpoint | None:
+        """Where spans go: $TOLLGATE_OTLP_ENDPOINT wins over ``tracing.otlp_endpoint``."""
+        env = os.environ.get(OTLP_ENV)
+        if env:
+            return _endpoint(env, OTLP_ENV)
+        return self.tracing.otlp_endpoint
 
     @property
     def embedded_store(self) -> bool:
@@ -507,6 +528,20 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         starting_credits=_credits(mr.get("starting_credits", 0), "metering.starting_credits"),
     )
     mr.done()
+    tr = root.child("tracing")
+    ratio = tr.get("sample_ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise ConfigError("tracing.sample_ratio", f"expected a number from 0 to 1, got {ratio!r}")
+    tracing = Tracing(
+        otlp_endpoint=(
+            _endpoint(tr.get("otlp_endpoint"), "tracing.otlp_endpoint")
+            if tr.get("otlp_endpoint") is not None
+            else None
+        ),
+        sample_ratio=float(ratio),
+        service_name=tr.str("service_name", "tollgate"),
+    )
+    tr.done()
     sr = root.child("store")
     store = Store(
         url=sr.get("url"),
@@ -573,6 +608,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         backends=tuple(backends.values()),
         models=tuple(models.values()),
         metering=metering,
+        tracing=tracing,
         source=source,
     )
 

@@ -16,6 +16,13 @@ Shape of what Envoy does for the processor (see README, "Request path"):
   outlier detection; one HTTP/2 cluster listing every processor worker.
 * ``local_reply_config`` renders Envoy's own errors in the gateway's JSON shape
   (:data:`extproc.errors.ENVOY_LOCAL_REPLIES`).
+* Request ids: Envoy keeps the client's ``x-request-id`` or makes one; the processor replaces an
+  insane one (and rewrites the request header). Envoy's ``always_set_request_id_in_response``
+  is off because it would echo the client's original id over the processor's: the processor
+  sets ``x-request-id`` on every response it shapes, and each local reply mapper on Envoy's own.
+* Tracing (when ``tracing.otlp_endpoint`` is set): Envoy's OpenTelemetry tracer exports over
+  OTLP/gRPC; the ext_proc call carries the span context to the processor (``traceparent``
+  gRPC metadata), whose spans join the same trace (``extproc/tracing.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from .errors import CODES, ENVOY_LOCAL_REPLIES
 ROUTE_HEADER = "x-tollgate-backend"
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
+OTLP_CLUSTER = "tollgate_otlp"
 METADATA_NS = "tollgate"  # what the processor sets at request time (read by Lua and the log)
+TIMING_NS = "tollgate.timing"  # the stream meter's first-chunk time (TTFT)
 USAGE_NS = "tollgate.usage"  # usage lifted out of responses by json_to_metadata/sse_to_metadata
 _LUA = Path(__file__).with_name("stream_meter.lua")
 _T = "type.googleapis.com/"
@@ -364,8 +373,31 @@ def _local_reply_config() -> dict[str, Any]:
         }
         if status:
             mapper["status_code"] = status
+        mapper["headers_to_add"] = [_REQUEST_ID_HEADER]
         mappers.append(mapper)
+    # Every other local reply of Envoy's own keeps its body but still carries the request id.
+    mappers.append(
+        {
+            "filter": {
+                "extension_filter": {
+                    "name": "envoy.access_loggers.extension_filters.cel",
+                    "typed_config": {
+                        "@type": _T
+                        + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                        "expression": "!response.code_details.startsWith('tollgate')",
+                    },
+                }
+            },
+            "headers_to_add": [_REQUEST_ID_HEADER],
+        }
+    )
     return {"mappers": mappers}
+
+
+_REQUEST_ID_HEADER = {
+    "header": {"key": "x-request-id", "value": "%REQ(X-REQUEST-ID)%"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
 
 
 def _access_log() -> list[dict[str, Any]]:
@@ -377,7 +409,8 @@ def _access_log() -> list[dict[str, Any]]:
                 "log_format": {
                     "json_format": {
                         "time": "%START_TIME%",
-                        "request_id": "%REQ(X-REQUEST-ID)%",
+                        # the response's: the processor's replacement for an insane client id
+                        "request_id": "%RESP(X-REQUEST-ID)%",
                         "method": "%REQ(:METHOD)%",
                         "path": "%REQ(:PATH)%",
                         "status": "%RESPONSE_CODE%",
@@ -404,7 +437,16 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         "codec_type": "AUTO",
         "generate_request_id": True,
         "preserve_external_request_id": True,
-        "always_set_request_id_in_response": True,
+        "always_set_request_id_in_response": False,  # see the module docstring
+        # Client ids need not be UUIDs: don't keep the sampling decision inside the id (a
+        # non-UUID id would make every such request "not traceable").
+        "request_id_extension": {
+            "typed_config": {
+                "@type": _T + "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                "pack_trace_reason": False,
+                "use_request_id_for_trace_sampling": False,
+            }
+        },
         # Clients are never trusted with x-envoy-* request headers.
         "internal_address_config": {"cidr_ranges": []},
         "stream_idle_timeout": "300s",
@@ -426,18 +468,37 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
     }
     if cfg.envoy.access_log:
         hcm["access_log"] += _access_log()
+    otlp = cfg.otlp_endpoint
+    extra_clusters: list[dict[str, Any]] = []
+    if otlp is not None:
+        hcm["tracing"] = {
+            "random_sampling": {"value": cfg.tracing.sample_ratio * 100},
+            "spawn_upstream_span": True,
+            "provider": {
+                "name": "envoy.tracers.opentelemetry",
+                "typed_config": {
+                    "@type": _T + "envoy.config.trace.v3.OpenTelemetryConfig",
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": OTLP_CLUSTER},
+                        "timeout": "1s",
+                    },
+                    "service_name": f"{cfg.tracing.service_name}-envoy",
+                },
+            },
+        }
+        collector = _cluster(OTLP_CLUSTER, [(otlp.host, otlp.port)], 1.0)
+        collector["typed_extension_protocol_options"] = _HTTP2
+        extra_clusters.append(collector)
+    runtime: dict[str, Any] = {}
+    if otlp is not None:  # Envoy batches spans; flush every second rather than every five
+        runtime["tracing.opentelemetry.flush_interval_ms"] = 1000
     p = cfg.processor
     workers = [(p.host, p.port + i) for i in range(p.workers)]
     extproc = _cluster(EXTPROC_CLUSTER, workers, 1.0)
     extproc.update(
         {
             "lb_policy": "LEAST_REQUEST",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
+            "typed_extension_protocol_options": _HTTP2,
             # A dead worker leaves the rotation within a second: TCP health checks, and
             # ejection on the first locally seen connect failure.
             "health_checks": [
@@ -469,7 +530,7 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
             },
         }
     )
-    return {
+    bootstrap: dict[str, Any] = {
         "node": {"id": "tollgate", "cluster": "tollgate"},
         "admin": {"address": _address("127.0.0.1", cfg.envoy.admin_port)},
         "overload_manager": {
@@ -504,9 +565,20 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": [extproc, *(backend_cluster(b) for b in cfg.backends)],
+            "clusters": [extproc, *(backend_cluster(b) for b in cfg.backends), *extra_clusters],
         },
     }
+    if runtime:
+        bootstrap["layered_runtime"] = {"layers": [{"name": "static", "static_layer": runtime}]}
+    return bootstrap
+
+
+_HTTP2 = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
 
 
 def render_yaml(cfg: GatewayConfig) -> str:

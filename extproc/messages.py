@@ -70,11 +70,19 @@ def immediate(
     )
 
 
-def error_response(err: GatewayError, request_id: str | None) -> ProcessingResponse:
-    extra: list[tuple[str, str]] = list(err.headers)
+def error_response(
+    err: GatewayError, request_id: str | None, headers: Iterable[tuple[str, str]] = ()
+) -> ProcessingResponse:
+    extra: list[tuple[str, str]] = [*headers, *err.headers]
     if err.retry_after is not None:
         extra.append(("retry-after", str(err.retry_after)))
     return immediate(err.status, err.body(request_id), DETAILS_PREFIX + err.code, extra)
+
+
+def request_headers_response(headers: HeaderMutation) -> ProcessingResponse:
+    return ProcessingResponse(
+        request_headers=HeadersResponse(response=CommonResponse(header_mutation=headers))
+    )
 
 
 def request_body_response(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import httptools
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PHASE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -97,6 +98,18 @@ class Metrics:
             " until the response headers).",
             ("model",),
         )
+        self.ttft = Histogram(
+            "tollgate_time_to_first_token_seconds",
+            "Metered streams: from the request's arrival at Envoy to the backend's first chunk.",
+            ("model",),
+            TOKEN_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "tollgate_time_per_output_token_seconds",
+            "Metered streams: (last chunk - first chunk) / (output tokens - 1).",
+            ("model",),
+            TOKEN_BUCKETS,
+        )
         self.phase = Histogram(
             "tollgate_processor_phase_seconds",
             "Processor time per ext_proc message, by phase.",
@@ -122,6 +135,8 @@ class Metrics:
             self.requests,
             self.tokens,
             self.duration,
+            self.ttft,
+            self.tpot,
             self.phase,
             self.credits,
             self.expired,

@@ -19,8 +19,10 @@ the same 3, with no message per chunk. The common answers are built once and reu
 
 from __future__ import annotations
 
+import re
 import time
-from time import perf_counter
+import uuid
+from time import perf_counter, time_ns
 from typing import Any
 
 import grpc
@@ -41,6 +43,7 @@ from .ledger import Reservation
 from .metering import Meter, rate_headers, settled_headers
 from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
+from .tracing import Phase, Tracing
 from .translators import Translator, for_backend
 from .validation import MALFORMED_JSON, json_object, require_model
 
@@ -55,6 +58,11 @@ _OVERLOADED = GatewayError(
 _INTERNAL = GatewayError("internal_error", "The gateway failed to process the request.")
 _NO_BODY = GatewayError("invalid_request_error", "This endpoint needs a JSON request body.")
 
+# A client's X-Request-ID is kept when it is 1-128 of these characters; otherwise the gateway
+# makes one and says why in X-Request-ID-Replaced ("missing" is not reported: Envoy makes one).
+_SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=~-]{1,128}")
+REPLACED_HEADER = "x-request-id-replaced"
+
 
 class RequestState:
     """What one request's phases share."""
@@ -63,8 +71,10 @@ class RequestState:
         "backend",
         "backend_status",
         "buffered",
+        "id_note",
         "model",
         "op",
+        "phases",
         "principal",
         "request_id",
         "reservation",
@@ -73,7 +83,10 @@ class RequestState:
         "started_ms",
         "status",
         "stream",
+        "t0_ns",
+        "trace",
         "translator",
+        "usage",
     )
 
     def __init__(self) -> None:
@@ -91,6 +104,17 @@ class RequestState:
         self.started = time.monotonic()
         self.started_ms = 0
         self.status = 0  # what the client was told (0: the stream ended before a response)
+        self.id_note = ""  # why the client's X-Request-ID was replaced ("" if kept)
+        self.trace: Any = None  # Envoy's sampled span context (tracing on), else None
+        self.phases: list[Phase] | None = None  # (span, start_ns, end_ns) while traced
+        self.t0_ns = 0
+        self.usage: dict[str, float] | None = None
+
+    def id_headers(self) -> list[tuple[str, str]]:
+        """The request id (and why it was replaced) for a response the processor shapes."""
+        if self.id_note:
+            return [("x-request-id", self.request_id), (REPLACED_HEADER, self.id_note)]
+        return [("x-request-id", self.request_id)]
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):
@@ -101,8 +125,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         meter: Meter,
         account_api: AccountApi,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
         self.metrics = metrics
         self.auth = auth
         self.meter = meter
@@ -112,7 +138,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.max_body = cfg.listener.max_request_body_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
-        self._models_list = m.immediate(200, self.catalog.list_body, "tollgate_models")
 
     # ------------------------------------------------------------------ gRPC entry
     async def Process(self, request_iterator: Any, context: Any) -> None:
@@ -120,6 +145,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         # measured the same within noise. grpc.aio's own cost per message dominates either way.
         st = RequestState()
         self.inflight += 1
+        if self.tracing is not None:
+            st.trace = Tracing.parent_of(context.invocation_metadata())
+            if st.trace is not None:
+                st.phases = []
+                st.t0_ns = time_ns()
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
             while True:
@@ -141,11 +171,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         resp = _continue_other(phase)
                 except GatewayError as err:
                     st.status = err.status
-                    resp = m.error_response(err, st.request_id)
+                    resp = m.error_response(err, st.request_id, st.id_headers())
                 except Exception:
                     log.exception("processor_error", request_id=st.request_id, phase=phase)
                     st.status = _INTERNAL.status
-                    resp = m.error_response(_INTERNAL, st.request_id)
+                    resp = m.error_response(_INTERNAL, st.request_id, st.id_headers())
                 self.metrics.phase.observe(perf_counter() - t0, phase)
                 await write(resp)
         finally:
@@ -153,6 +183,33 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if st.reservation is not None and not st.settled:
                 await self._void(st, "no_response")
             self._log(st)
+            if st.phases is not None:
+                self._trace(st)
+
+    def _trace(self, st: RequestState) -> None:
+        assert self.tracing is not None and st.phases is not None
+        usage = st.usage or {}
+        try:
+            self.tracing.record(
+                st.trace,
+                st.t0_ns,
+                time_ns(),
+                st.phases,
+                {
+                    "tollgate.request_id": st.request_id,
+                    "tollgate.account": st.principal.account if st.principal else None,
+                    "tollgate.operation": st.op.name if st.op else None,
+                    "tollgate.backend": st.backend.name if st.backend else None,
+                    "gen_ai.operation.name": st.op.name if st.op else None,
+                    "gen_ai.request.model": st.model.id if st.model else None,
+                    "gen_ai.usage.input_tokens": _int_or_none(usage.get("prompt_tokens")),
+                    "gen_ai.usage.output_tokens": _int_or_none(usage.get("completion_tokens")),
+                    "http.response.status_code": st.status or None,
+                    "tollgate.stream": st.stream,
+                },
+            )
+        except Exception:  # tracing must never fail a request
+            log.exception("trace_failed", request_id=st.request_id)
 
     def _log(self, st: RequestState) -> None:
         """One line per request (never a key, token or prompt: the key's display prefix only),
@@ -177,6 +234,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             stream=st.stream,
             status=st.status,
             reserved=st.reservation.amount if st.reservation else None,
+            request_id_replaced=st.id_note or None,
             ms=round(elapsed * 1000, 2),
         )
 
@@ -186,14 +244,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     ) -> ProcessingResponse:
         msg = req.request_headers
         headers = m.header_map(msg.headers.headers)
-        st.request_id = headers.get("x-request-id", "")
+        rid = headers.get("x-request-id", "")
+        if _SANE_ID.fullmatch(rid) is None:
+            st.id_note = "too_long" if len(rid) > 128 else "invalid_characters"
+            rid = str(uuid.uuid4())
+        st.request_id = rid
         if self.inflight > self.max_inflight:
             raise _OVERLOADED
+        phases = st.phases
+        t = time_ns() if phases is not None else 0
         try:
             st.principal = await self.auth.authenticate(headers.get("authorization"))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             log.error("store_unreachable", request_id=st.request_id)
             raise _STORE_DOWN from None
+        finally:  # refused keys are traced too
+            if phases is not None:
+                phases.append(("tollgate.auth", t, time_ns()))
         method = headers.get(":method", "")
         path = headers.get(":path", "").partition("?")[0]
         op = POST_OPERATIONS.get(path)
@@ -209,6 +276,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     f"The request body is {length} bytes; the limit is {self.max_body}.",
                 )
             st.op = op
+            if st.id_note:  # the backend, Envoy's log and later phases see the new id
+                return m.request_headers_response(m.set_headers(st.id_headers()[:1]))
             return m.CONTINUE_REQUEST_HEADERS
         if path in ACCOUNT_PATHS:
             if method != "GET":
@@ -216,19 +285,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             assert st.principal is not None
             body = await self.account_api.handle(path, headers.get(":path", ""), st.principal)
             st.status = 200
-            return m.immediate(200, body, "tollgate_account")
+            return m.immediate(200, body, "tollgate_account", st.id_headers())
         if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
             if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
             st.status = 200
             if path == MODELS_PATH:
-                return self._models_list
+                return m.immediate(200, self.catalog.list_body, "tollgate_models", st.id_headers())
             model_id, card = self.catalog.card(path)
             if card is None:
                 raise GatewayError(
                     "model_not_found", f"The model '{model_id}' does not exist.", "model"
                 )
-            return m.immediate(200, card, "tollgate_model")
+            return m.immediate(200, card, "tollgate_model", st.id_headers())
         raise GatewayError("not_found", f"Unknown path: {method} {path}.")
 
     async def _request_body(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
@@ -263,9 +332,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         translator = for_backend(backend, model)
         st.model, st.backend, st.translator, st.stream = model, backend, translator, stream
         client_max = body.get("max_completion_tokens") or body.get("max_tokens")
+        phases = st.phases
         if not self.metered:
-            return self._forward(body, st, client_max, stream)
+            return self._forward_traced(body, st, client_max, stream)
         # The rate check, concurrency check and reservation: one store round trip.
+        t = time_ns() if phases is not None else 0
         try:
             st.reservation = await self.meter.reserve(
                 st.request_id, st.principal, model, op.name, body, backend.name
@@ -273,12 +344,25 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             log.error("store_unreachable", request_id=st.request_id, phase="reserve")
             raise _STORE_DOWN from None
+        finally:  # refusals (402/429) are traced too
+            if phases is not None:
+                phases.append(("tollgate.reserve", t, time_ns()))
         st.started_ms = int(time.time() * 1000)
         try:
-            return self._forward(body, st, client_max, stream)
+            return self._forward_traced(body, st, client_max, stream)
         except Exception:
             await self._void(st, "gateway_error")
             raise
+
+    def _forward_traced(
+        self, body: dict[str, Any], st: RequestState, client_max: Any, stream: bool
+    ) -> ProcessingResponse:
+        if st.phases is None:
+            return self._forward(body, st, client_max, stream)
+        t = time_ns()
+        resp = self._forward(body, st, client_max, stream)
+        st.phases.append(("tollgate.translate", t, time_ns()))
+        return resp
 
     def _forward(
         self, body: dict[str, Any], st: RequestState, client_max: Any, stream: bool
@@ -336,7 +420,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     def _response_headers(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
         model, translator, res = st.model, st.translator, st.reservation
         if model is None or translator is None:
-            return m.CONTINUE_RESPONSE_HEADERS
+            return m.response_headers_response(m.set_headers(st.id_headers()))
         headers = m.header_map(req.response_headers.headers.headers)
         status = int(headers.get(":status", "0") or 0)
         content_type = headers.get("content-type", "")
@@ -344,6 +428,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         pairs: list[tuple[str, str]] = [
             ("x-gateway-model", model.id),
             ("x-gateway-backend", model.backend),
+            *st.id_headers(),
         ]
         if res is not None:
             if st.stream and status < 400:
@@ -354,9 +439,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 if USAGE_NS in fm:
                     usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
                 st.settled = True
+                st.usage = usage
+                t = time_ns() if st.phases is not None else 0
                 s = self.meter.settle_soon(
                     st.request_id, model.id, res, usage, status, st.started_ms
                 )
+                if st.phases is not None:
+                    st.phases.append(("tollgate.settle", t, time_ns()))
                 pairs += settled_headers(res, s)
         if not translator.wants_response_body(status, content_type):
             return m.response_headers_response(m.set_headers(pairs))
@@ -388,6 +477,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             return m.CONTINUE_RESPONSE_BODY
         headers = m.set_headers([("content-length", str(len(out)))]) if st.buffered else None
         return m.response_body_response(out, headers)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) else None
 
 
 def _continue_other(phase: str | None) -> ProcessingResponse:

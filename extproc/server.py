@@ -25,6 +25,7 @@ from .metrics import Metrics, serve_metrics
 from .processor import Processor
 from .resp import ScriptClient
 from .settle_service import SettleLog, sweep_forever
+from .tracing import Tracing
 
 READY_LINE = "processor worker ready"
 
@@ -44,7 +45,8 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
         ttl=cfg.processor.key_cache_ttl_s,
         default_limits=cfg.metering.default_limits,
     )
-    processor = Processor(cfg, auth, meter, AccountApi(ledger), metrics)
+    tracing = Tracing(cfg, index)
+    processor = Processor(cfg, auth, meter, AccountApi(ledger), metrics, tracing)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -72,6 +74,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     sweeper.cancel()
     scrape.close()
     await server.stop(grace=2)
+    tracing.shutdown()
     await client.aclose()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
-from .envoy_config import METADATA_NS, USAGE_NS
+from .envoy_config import METADATA_NS, TIMING_NS, USAGE_NS
 from .ledger import Ledger
 from .metering import Meter
 from .metrics import Metrics
@@ -67,9 +67,11 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 except Exception:  # the sweeper charges the reservation later
                     log.exception("log_settle_failed", request_id=rid)
                     continue
+                model = str(md.get("model") or "-")
+                if TIMING_NS in fm and status == 200:
+                    self._observe_timing(entry.common_properties, fm[TIMING_NS], usage, model)
                 if settled.status == "ok":
                     self.metrics.credits.inc("settled", amount=settled.charged)
-                    model = str(md.get("model") or "-")
                     if usage:
                         for kind, field in (
                             ("input", "prompt_tokens"),
@@ -78,6 +80,25 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                             if isinstance(usage.get(field), int | float):
                                 self.metrics.tokens.inc(model, kind, amount=usage[field])
         return StreamAccessLogsResponse()
+
+    def _observe_timing(
+        self, props: Any, timing: Any, usage: dict[str, Any] | None, model: str
+    ) -> None:
+        """Time to first token and time per output token of a stream that ran to the end."""
+        first = timing.fields.get("first_chunk_us")
+        if first is None or not first.string_value.isdigit():
+            return
+        start_us = props.start_time.seconds * 1_000_000 + props.start_time.nanos // 1000
+        ttft = (int(first.string_value) - start_us) / 1e6
+        if ttft < 0:
+            return
+        self.metrics.ttft.observe(ttft, model)
+        last = props.time_to_last_upstream_rx_byte
+        tokens = (usage or {}).get("completion_tokens")
+        if isinstance(tokens, int | float) and tokens > 1 and (last.seconds or last.nanos):
+            span = last.seconds + last.nanos / 1e9 - ttft
+            if span >= 0:
+                self.metrics.tpot.observe(span / (tokens - 1), model)
 
 
 async def sweep_forever(ledger: Ledger, interval_s: float, metrics: Metrics) -> None:

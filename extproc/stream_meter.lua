@@ -16,6 +16,7 @@
 --     the same moment are not reflected; GET /v1/credits is exact).
 -- Metadata the processor sets at request time (namespace "tollgate"): stream, request_id,
 -- keep_usage, price_in / price_out / price_req (micro-credits), available (before this request).
+-- It also notes when the first chunk arrived ("tollgate.timing" first_chunk_us).
 -- No httpCall here: a call yields, and a chunk cannot be held across a yield.
 
 local function credits(micro)
@@ -71,7 +72,17 @@ function envoy_on_response(handle)
   end
   local keep_usage = md["keep_usage"] == true
   local tail = ""
+  local first = true
   for chunk in handle:bodyChunks() do
+    if first then
+      -- The backend's first body chunk comes with its first token: time to first token
+      -- (the worker's SettleLog turns it into tollgate_time_to_first_token_seconds).
+      first = false
+      handle:streamInfo():dynamicMetadata():set(
+        "tollgate.timing", "first_chunk_us",
+        handle:timestampString(EnvoyTimestampResolution.MICROSECOND)
+      )
+    end
     local data = tail .. chunk:getBytes(0, chunk:length())
     local out = {}
     local pos = 1

@@ -51,3 +51,25 @@ def test_metrics_follow_requests(gateway: Gateway, client: openai.OpenAI) -> Non
         r'tollgate_processor_phase_seconds_bucket\{phase="request_body",le="\+Inf"\}', after
     )
     assert "# TYPE tollgate_requests_total counter" in after
+
+
+def test_time_to_first_token_and_per_output_token(gateway: Gateway, client: openai.OpenAI) -> None:
+    before = gateway.metrics()
+    stream = client.chat.completions.create(
+        model="sim-chat",
+        messages=HELLO,
+        stream=True,
+        max_tokens=6,
+        extra_headers={"x-sim-ttft-ms": "300", "x-sim-itl-ms": "40"},
+    )
+    assert len([c for c in stream if c.choices and c.choices[0].delta.content]) == 6
+    time.sleep(1.0)  # settled (and timed) through Envoy's access log
+    after = gateway.metrics()
+
+    def delta(name: str) -> float:
+        return _value(after, name, model="sim-chat") - _value(before, name, model="sim-chat")
+
+    assert delta("tollgate_time_to_first_token_seconds_count") == 1
+    assert 0.3 <= delta("tollgate_time_to_first_token_seconds_sum") < 1.0
+    assert delta("tollgate_time_per_output_token_seconds_count") == 1
+    assert 0.03 <= delta("tollgate_time_per_output_token_seconds_sum") < 0.2
