@@ -23,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, GatewayConfig, load_config
+from .config import OTLP_ENV, ConfigError, GatewayConfig, load_config
 
 DEFAULT_CONFIG = os.environ.get("TOLLGATE_CONFIG", "tollgate.yaml")
 PARTS = ("store", "simulators", "workers", "envoy")
@@ -320,6 +320,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .store import connect_sync
     from .supervisor import Stack, StartError
 
+    if args.otlp:  # read by the config (GatewayConfig.otlp_endpoint) here and in every child
+        os.environ[OTLP_ENV] = args.otlp
     parts = set(args.only.split(",")) if args.only else set(PARTS)
     if unknown := parts - set(PARTS):
         print(
@@ -390,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         help=f"comma-separated parts to run ({','.join(PARTS)}; default all), e.g. 'workers'"
         " in a container",
+    )
+    up.add_argument(
+        "--otlp",
+        metavar="HOST:PORT",
+        help="export traces (Envoy's and the processor's) over OTLP/gRPC to this collector;"
+        " overrides tracing.otlp_endpoint",
     )
     up.set_defaults(func=cmd_up)
     with_config(sub.add_parser("render-envoy", help="print the Envoy bootstrap")).set_defaults(

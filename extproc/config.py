@@ -135,6 +135,7 @@ class Processor:
     max_inflight: int = 2048
     key_cache_ttl_s: float = 5.0
     metrics_port: int = 9464  # worker i serves Prometheus text on metrics_port + i
+    metrics: bool = True  # false: no metrics kept or served (the loadtest's "off" figure)
 
     @property
     def bind_host(self) -> str:
@@ -504,8 +505,11 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         max_inflight=pr.int("max_inflight", 2048, low=1),
         key_cache_ttl_s=pr.duration("key_cache_ttl", 5.0),
         metrics_port=pr.port("metrics_port", 9464),
+        metrics=pr.get("metrics", True),
     )
     pr.done()
+    if not isinstance(processor.metrics, bool):
+        raise ConfigError("processor.metrics", "expected true or false")
     er = root.child("envoy")
     envoy = Envoy(
         admin_port=er.port("admin_port", 9901),

@@ -78,10 +78,16 @@ class Histogram:
         return out
 
 
-class Metrics:
-    """Everything a worker exports."""
+def _noop(*_args: object, **_kwargs: object) -> None:
+    return None
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """Everything a worker exports. ``enabled=False`` (``processor.metrics: false``) makes every
+    update a no-op: the loadtest runner measures what metrics cost against it."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.requests = Counter(
             "tollgate_requests_total",
             "Requests by model, backend, dialect and the status the client got.",
@@ -129,9 +135,15 @@ class Metrics:
             "tollgate_refusals_total", "Requests refused by metering, by code.", ("code",)
         )
 
-    def render(self) -> bytes:
-        lines: list[str] = []
-        for metric in (
+        if not enabled:
+            for metric in self._all():
+                if isinstance(metric, Counter):
+                    metric.inc = _noop  # type: ignore[method-assign]
+                else:
+                    metric.observe = _noop  # type: ignore[method-assign]
+
+    def _all(self) -> tuple[Counter | Histogram, ...]:
+        return (
             self.requests,
             self.tokens,
             self.duration,
@@ -141,7 +153,11 @@ class Metrics:
             self.credits,
             self.expired,
             self.refusals,
-        ):
+        )
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for metric in self._all():
             lines += metric.render()
         return ("\n".join(lines) + "\n").encode()
 

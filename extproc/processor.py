@@ -43,7 +43,7 @@ from .ledger import Reservation
 from .metering import Meter, rate_headers, settled_headers
 from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
-from .tracing import Phase, Tracing
+from .tracing import Phase, TraceParent, Tracing
 from .translators import Translator, for_backend
 from .validation import MALFORMED_JSON, json_object, require_model
 
@@ -105,7 +105,7 @@ class RequestState:
         self.started_ms = 0
         self.status = 0  # what the client was told (0: the stream ended before a response)
         self.id_note = ""  # why the client's X-Request-ID was replaced ("" if kept)
-        self.trace: Any = None  # Envoy's sampled span context (tracing on), else None
+        self.trace: TraceParent | None = None  # Envoy's sampled span (tracing on), else None
         self.phases: list[Phase] | None = None  # (span, start_ns, end_ns) while traced
         self.t0_ns = 0
         self.usage: dict[str, float] | None = None
@@ -187,7 +187,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 self._trace(st)
 
     def _trace(self, st: RequestState) -> None:
-        assert self.tracing is not None and st.phases is not None
+        assert self.tracing is not None and st.phases is not None and st.trace is not None
         usage = st.usage or {}
         try:
             self.tracing.record(

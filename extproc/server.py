@@ -38,7 +38,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     if cfg.store_url.startswith(("redis://", "unix://")):
         fast = ScriptClient(cfg.store_url)
     ledger = Ledger(client, fast)
-    metrics = Metrics()
+    metrics = Metrics(cfg.processor.metrics)
     meter = Meter(cfg, ledger, metrics)
     auth = KeyAuthenticator(
         client,
@@ -60,9 +60,12 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     port = cfg.processor.port + index
     server.add_insecure_port(f"{cfg.processor.bind_host}:{port}")
     await server.start()
+    tracing.start()
     sweeper = asyncio.create_task(sweep_forever(ledger, cfg.metering.sweep_interval_s, metrics))
-    scrape = await serve_metrics(
-        metrics, cfg.processor.bind_host, cfg.processor.metrics_port + index
+    scrape = (
+        await serve_metrics(metrics, cfg.processor.bind_host, cfg.processor.metrics_port + index)
+        if cfg.processor.metrics
+        else None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -72,9 +75,10 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     print(f"{READY_LINE} port={port}", flush=True)
     await stop.wait()
     sweeper.cancel()
-    scrape.close()
+    if scrape is not None:
+        scrape.close()
     await server.stop(grace=2)
-    tracing.shutdown()
+    await tracing.aclose()
     await client.aclose()
 
 

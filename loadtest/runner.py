@@ -64,14 +64,22 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def gateway_config(workers: int, itl_ms: float = 0.0, metered: bool = True) -> dict[str, Any]:
+def gateway_config(
+    workers: int,
+    itl_ms: float = 0.0,
+    metered: bool = True,
+    metrics: bool = True,
+    otlp: str | None = None,
+) -> dict[str, Any]:
     return {
         "metering": {"enabled": metered},
+        **({"tracing": {"otlp_endpoint": otlp, "sample_ratio": 1.0}} if otlp else {}),
         "listener": {"port": _free_port()},
         "processor": {
             "port": _free_block(workers),
             "metrics_port": _free_block(workers),
             "workers": workers,
+            "metrics": metrics,
         },
         "envoy": {"admin_port": _free_port(), "log_level": "error"},
         "store": {"data_dir": "data", "port": _free_port()},
@@ -250,16 +258,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vus", default="1,64", help="comma-separated VU counts")
     ap.add_argument("--scripts", default="chat.js,stream.js")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of {','.join(TARGETS)}",
+    )
     args = ap.parse_args(argv)
+    chosen = [t for t in TARGETS if t in args.targets.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    sink = SpanSink()
     stacks: dict[str, Stack] = {}
-    for name, metered in (("gateway", True), ("unmetered", False)):
+    for name in chosen:
+        if name == "bare-envoy":
+            continue
+        options = dict(TARGETS[name])
+        if options.pop("traced", False):
+            options["otlp"] = f"127.0.0.1:{sink.start()}"
         (tmp / name).mkdir()
         cfg_path = tmp / name / "tollgate.yaml"
-        cfg_path.write_text(yaml.safe_dump(gateway_config(args.workers, metered=metered)))
+        cfg_path.write_text(yaml.safe_dump(gateway_config(args.workers, **options)))
         load_config(cfg_path)
         stacks[name] = Stack(cfg_path)
+    if "gateway" not in stacks:
+        raise SystemExit("--targets must include gateway (bare Envoy borrows its cluster)")
     stack = stacks["gateway"]
     bare_proc: subprocess.Popen[bytes] | None = None
     results: list[Result] = []
@@ -268,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, st in stacks.items():
             st.start(timeout=60)
             keys[name] = create_key(connect_sync(st.cfg.store_url), "loadtest", "bench").raw
-        asyncio.run(_fund(stack.cfg.store_url, "bench"))
+        for st in stacks.values():
+            if st.cfg.metering.enabled:
+                asyncio.run(_fund(st.cfg.store_url, "bench"))
         bare_port, bare_admin = _free_port(), _free_port()
         bare_cfg = tmp / "bare-envoy.yaml"
         bare_cfg.write_text(yaml.safe_dump(bare_envoy_bootstrap(stack, bare_port, bare_admin)))
@@ -282,14 +306,13 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("bare Envoy did not start")
             time.sleep(0.1)
-        targets = {
-            "bare-envoy": (f"http://127.0.0.1:{bare_port}/v1", None),
-            "unmetered": (
-                f"http://127.0.0.1:{stacks['unmetered'].cfg.listener.port}/v1",
-                stacks["unmetered"],
-            ),
-            "gateway": (f"http://127.0.0.1:{stack.cfg.listener.port}/v1", stack),
-        }
+        targets: dict[str, tuple[str, Stack | None]] = {}
+        for name in chosen:
+            if name == "bare-envoy":
+                targets[name] = (f"http://127.0.0.1:{bare_port}/v1", None)
+            else:
+                st = stacks[name]
+                targets[name] = (f"http://127.0.0.1:{st.cfg.listener.port}/v1", st)
         for script in args.scripts.split(","):
             for vus in [int(v) for v in args.vus.split(",")]:
                 for target, (url, st) in targets.items():
@@ -315,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
             bare_proc.wait(timeout=10)
         for st in stacks.values():
             st.stop()
+        sink.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    if sink.spans:
+        print(f"OTLP sink received {sink.spans} spans", flush=True)
 
     print()
     print(report(results, args))
@@ -325,6 +351,55 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"meta": _meta(args), "results": [asdict(r) for r in results]}, indent=2)
         )
     return 0 if all(r.failed == 0 for r in results) else 1
+
+
+# name -> gateway_config options ("bare-envoy" is Envoy alone, no gateway). "quiet" and "traced"
+# are the same metered build with metrics and tracing off and on (issue #6's speed figure).
+TARGETS: dict[str, dict[str, Any]] = {
+    "bare-envoy": {},
+    "unmetered": {"metered": False},
+    "gateway": {"metered": True},
+    "quiet": {"metered": True, "metrics": False},
+    "traced": {"metered": True, "traced": True},
+}
+
+
+class SpanSink:
+    """An OTLP/gRPC receiver that counts and drops spans (a collector's cheapest stand-in)."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self._server: Any = None
+        self._port = 0
+
+    def start(self) -> int:
+        if self._server is None:
+            from concurrent import futures
+
+            import grpc
+            from opentelemetry.proto.collector.trace.v1 import (
+                trace_service_pb2,
+                trace_service_pb2_grpc,
+            )
+
+            sink = self
+
+            class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+                def Export(self, request: Any, context: Any) -> Any:
+                    sink.spans += sum(
+                        len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans
+                    )
+                    return trace_service_pb2.ExportTraceServiceResponse()
+
+            self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Receiver(), self._server)
+            self._port = self._server.add_insecure_port("127.0.0.1:0")
+            self._server.start()
+        return self._port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0)
 
 
 def _row(r: Result) -> str:
@@ -378,4 +453,27 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
                 f"| {u.processor_us_per_req:.0f}, {g.processor_us_per_req:.0f} "
                 f"| {u.envoy_us_per_req:.0f}, {g.envoy_us_per_req:.0f} |"
             )
+    obs = [
+        "",
+        "Metrics and tracing (the metered gateway with both off, then metrics on and every"
+        " request traced to an OTLP sink):",
+        "",
+        "| scenario | VUs | off req/s | on req/s | change | p50 ms (off, on) "
+        "| processor µs/req (off, on) | Envoy µs/req (off, on) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for script in args.scripts.split(","):
+        for vus in [int(v) for v in args.vus.split(",")]:
+            q = by.get((script, vus, "quiet"))
+            t = by.get((script, vus, "traced"))
+            if not (q and t):
+                continue
+            obs.append(
+                f"| {script.removesuffix('.js')} | {vus} | {q.rps:,.0f} | {t.rps:,.0f} "
+                f"| {t.rps / q.rps - 1:+.0%} | {q.p50_ms:.2f}, {t.p50_ms:.2f} "
+                f"| {q.processor_us_per_req:.0f}, {t.processor_us_per_req:.0f} "
+                f"| {q.envoy_us_per_req:.0f}, {t.envoy_us_per_req:.0f} |"
+            )
+    if len(obs) > 6:
+        lines += obs
     return "\n".join(lines)

@@ -106,3 +106,33 @@ def test_cli_rejects_unparseable_yaml(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "not valid YAML" in proc.stderr
+
+
+def test_tracing_config_and_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from extproc.config import OTLP_ENV
+    from extproc.envoy_config import OTLP_CLUSTER, render
+
+    monkeypatch.delenv(OTLP_ENV, raising=False)
+    cfg = parse_config(copy.deepcopy(SAMPLE))
+    assert cfg.otlp_endpoint is None
+    assert (
+        "tracing"
+        not in render(cfg)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]
+    )
+    data = copy.deepcopy(SAMPLE)
+    data["tracing"] = {"otlp_endpoint": "collector:4317", "sample_ratio": 0.25}
+    cfg = parse_config(data)
+    assert (cfg.otlp_endpoint.host, cfg.otlp_endpoint.port) == ("collector", 4317)
+    boot = render(cfg)
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    assert hcm["typed_config"]["tracing"]["random_sampling"]["value"] == 25
+    assert OTLP_CLUSTER in {c["name"] for c in boot["static_resources"]["clusters"]}
+    monkeypatch.setenv(OTLP_ENV, "127.0.0.1:4999")  # `tollgate up --otlp` sets it
+    assert parse_config(data).otlp_endpoint.port == 4999
+    for bad, problem in (({"sample_ratio": 2}, "0 to 1"), ({"otlp_endpoint": "x"}, "host:port")):
+        data["tracing"] = bad
+        with pytest.raises(ConfigError) as e:
+            parse_config(data)
+        assert problem in str(e.value) and "tracing." in str(e.value)
