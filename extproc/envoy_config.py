@@ -160,7 +160,11 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
                 "response_body_mode": "NONE",
                 "response_trailer_mode": "SKIP",
             },
-            "mutation_rules": {"allow_all_routing": True},
+            # :path (a backend's own endpoint, e.g. TGI /generate) and
+            # x-envoy-upstream-rq-timeout-ms (X-Request-Timeout) are set by the processor.
+            # Clients' own x-envoy-* headers are dropped by the connection manager before any
+            # filter (no address is internal).
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             # The response-headers message carries the usage json_to_metadata lifted out of a
             # non-streaming body (it holds the headers until the body is complete), so
             # settlement needs no response-body message.

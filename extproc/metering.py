@@ -32,6 +32,9 @@ from .tokens import estimate_prompt_tokens
 log = structlog.get_logger("tollgate.metering")
 
 
+GENERATIVE = ("chat", "completions")  # operations that generate tokens (max_tokens applies)
+
+
 class Meter:
     def __init__(self, cfg: GatewayConfig, ledger: Ledger, metrics: Metrics | None = None) -> None:
         self.ledger = ledger
@@ -53,7 +56,7 @@ class Meter:
         """Reserve, or raise the GatewayError the client gets (402, 429, 400)."""
         prompt = estimate_prompt_tokens(op, body)
         requested: int | None = None
-        if op != "embeddings":
+        if op in GENERATIVE:
             requested = body.get("max_completion_tokens") or body.get("max_tokens")
             param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
             if requested is not None and requested > model.max_tokens:

@@ -25,11 +25,15 @@ class Operation:
 CHAT = Operation("chat", "chat", validation.chat)
 COMPLETIONS = Operation("completions", "chat", validation.completions)
 EMBEDDINGS = Operation("embeddings", "embedding", validation.embeddings)
+RERANK = Operation("rerank", "rerank", validation.rerank)
+CLASSIFY = Operation("classify", "classify", validation.classify)
 
 POST_OPERATIONS: dict[str, Operation] = {
     "/v1/chat/completions": CHAT,
     "/v1/completions": COMPLETIONS,
     "/v1/embeddings": EMBEDDINGS,
+    "/v1/rerank": RERANK,
+    "/v1/classify": CLASSIFY,
 }
 MODELS_PATH = "/v1/models"
 

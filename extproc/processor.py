@@ -40,7 +40,7 @@ from .config import Backend, GatewayConfig, Model
 from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
 from .errors import GatewayError
 from .ledger import Reservation
-from .metering import Meter, rate_headers, settled_headers
+from .metering import GENERATIVE, Meter, rate_headers, settled_headers
 from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
 from .tracing import Phase, TraceParent, Tracing
@@ -71,9 +71,11 @@ class RequestState:
         "backend",
         "backend_status",
         "buffered",
+        "defer_settle",
         "id_note",
         "model",
         "op",
+        "path",
         "phases",
         "principal",
         "request_id",
@@ -84,6 +86,7 @@ class RequestState:
         "status",
         "stream",
         "t0_ns",
+        "timeout_s",
         "trace",
         "translator",
         "usage",
@@ -109,6 +112,9 @@ class RequestState:
         self.phases: list[Phase] | None = None  # (span, start_ns, end_ns) while traced
         self.t0_ns = 0
         self.usage: dict[str, float] | None = None
+        self.path = ""  # the client's path, without the query
+        self.timeout_s: float | None = None  # X-Request-Timeout
+        self.defer_settle = False  # settle once the translator has read usage from the body
 
     def id_headers(self) -> list[tuple[str, str]]:
         """The request id (and why it was replaced) for a response the processor shapes."""
@@ -265,6 +271,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         path = headers.get(":path", "").partition("?")[0]
         op = POST_OPERATIONS.get(path)
         if op is not None:
+            st.path = path
+            timeout = headers.get("x-request-timeout")
+            if timeout is None:
+                timeout = headers.get("oicm-request-timeout")
+            if timeout is not None:
+                st.timeout_s = _request_timeout(timeout)
             if method != "POST":
                 raise GatewayError("method_not_allowed", f"Use POST for {path}.")
             if msg.end_of_stream:
@@ -329,7 +341,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 "model",
             )
         backend = self.cfg.backends_by_name[model.backend]
-        translator = for_backend(backend, model)
+        translator = for_backend(backend, model, st.request_id)
         st.model, st.backend, st.translator, st.stream = model, backend, translator, stream
         client_max = body.get("max_completion_tokens") or body.get("max_tokens")
         phases = st.phases
@@ -370,9 +382,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         """The backend's body, the routing header and, for streams, the stream meter's cue."""
         assert st.translator is not None and st.backend is not None and st.op is not None
         res = st.reservation
-        changed = st.translator.request(st.op.name, body, stream)
+        changed = False
         metadata = None
-        if st.op.name != "embeddings" and res is not None:
+        if st.op.name in GENERATIVE and res is not None:
             if client_max is None:  # stop the backend where the money (or the window) stops
                 body["max_tokens"] = res.granted
                 changed = True
@@ -402,8 +414,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     }
                 )
                 st.settled = True  # from here on, Envoy's stream meter / access log settle it
+        # The translator sees the body as the backend should get it in OpenAI terms (max_tokens
+        # and stream_options set above) and rewrites it into the backend's schema.
+        translator = st.translator
+        changed = translator.request(st.op.name, body, stream) or changed
         route = stream_route_value(st.backend.name) if metadata is not None else st.backend.name
         pairs: list[tuple[str, str]] = [(ROUTE_HEADER, route)]
+        path = translator.backend_path(st.op.name, st.path)
+        if path is not None and path != st.path:
+            pairs.append((":path", path))
+        if st.timeout_s is not None:  # X-Request-Timeout, bounded by the route's own timeout
+            ms = int(min(st.timeout_s, st.backend.request_timeout_s) * 1000)
+            pairs.append(("x-envoy-upstream-rq-timeout-ms", str(max(ms, 1))))
         new_body = None
         if changed:
             new_body = orjson.dumps(body)
@@ -424,30 +446,29 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         headers = m.header_map(req.response_headers.headers.headers)
         status = int(headers.get(":status", "0") or 0)
         content_type = headers.get("content-type", "")
+        translator.response_headers(status, headers)
         st.status = translator.response_status(status) or status
         pairs: list[tuple[str, str]] = [
             ("x-gateway-model", model.id),
             ("x-gateway-backend", model.backend),
             *st.id_headers(),
         ]
+        if translator.dropped:
+            pairs.append(("x-gateway-dropped-params", ",".join(translator.dropped)))
+        wants_body = translator.wants_response_body(status, content_type)
+        sse = content_type.startswith("text/event-stream")
         if res is not None:
             if st.stream and status < 400:
                 pairs += rate_headers(res)
             else:
-                usage = None
                 fm = req.metadata_context.filter_metadata
                 if USAGE_NS in fm:
-                    usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
-                st.settled = True
-                st.usage = usage
-                t = time_ns() if st.phases is not None else 0
-                s = self.meter.settle_soon(
-                    st.request_id, model.id, res, usage, status, st.started_ms
-                )
-                if st.phases is not None:
-                    st.phases.append(("tollgate.settle", t, time_ns()))
-                pairs += settled_headers(res, s)
-        if not translator.wants_response_body(status, content_type):
+                    st.usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
+                if wants_body and status < 400 and not sse:
+                    st.defer_settle = True  # the translator reads usage from the body (TGI, TEI)
+                else:
+                    pairs += self._settle(st, status)
+        if not wants_body:
             return m.response_headers_response(m.set_headers(pairs))
         if status >= 400:
             st.backend_status = status
@@ -455,10 +476,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if new_status is not None and new_status != status:
                 pairs.append((":status", str(new_status)))
             return m.response_headers_response(m.set_headers(pairs), m.BUFFER_RESPONSE)
-        if content_type.startswith("text/event-stream"):
+        if sse:
             return m.response_headers_response(m.set_headers(pairs), m.STREAM_RESPONSE)
         st.buffered = True
         return m.response_headers_response(m.set_headers(pairs), m.BUFFER_RESPONSE)
+
+    def _settle(self, st: RequestState, status: int) -> list[tuple[str, str]]:
+        """Settle a non-streaming request now (the store call is queued) and return the credit
+        and rate headers for its response."""
+        assert st.model is not None and st.reservation is not None
+        st.settled = True
+        t = time_ns() if st.phases is not None else 0
+        s = self.meter.settle_soon(
+            st.request_id, st.model.id, st.reservation, st.usage, status, st.started_ms
+        )
+        if st.phases is not None:
+            st.phases.append(("tollgate.settle", t, time_ns()))
+        return settled_headers(st.reservation, s)
 
     def _response_body(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
         translator = st.translator
@@ -469,14 +503,40 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             err = translator.error(st.backend_status, msg.body)
             body = err.body(st.request_id)
             pairs = [("content-type", "application/json"), ("content-length", str(len(body)))]
+            if err.status != st.status:  # only the body told (e.g. TEI's 424 for a wrong task)
+                st.status = err.status
+                pairs.append((":status", str(err.status)))
             if err.retry_after is not None:
                 pairs.append(("retry-after", str(err.retry_after)))
             return m.response_body_response(body, m.set_headers(pairs))
         out = translator.response_body(msg.body, msg.end_of_stream)
-        if out is None:
-            return m.CONTINUE_RESPONSE_BODY
-        headers = m.set_headers([("content-length", str(len(out)))]) if st.buffered else None
-        return m.response_body_response(out, headers)
+        if not st.buffered:
+            return m.CONTINUE_RESPONSE_BODY if out is None else m.response_body_response(out)
+        pairs = []
+        if st.defer_settle:
+            st.defer_settle = False
+            if translator.usage is not None:
+                st.usage = dict(translator.usage)
+            pairs = self._settle(st, st.status)
+        if out is not None:
+            pairs.append(("content-length", str(len(out))))
+        return m.response_body_response(out, m.set_headers(pairs) if pairs else None)
+
+
+def _request_timeout(value: str) -> float:
+    """``X-Request-Timeout`` (or ``OICM-Request-Timeout``): seconds, > 0. Above the backend
+    route's own timeout it is lowered to it (the route's maximum is the operator's bound)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (0 < seconds < 1e9):  # also rejects nan and inf
+        raise GatewayError(
+            "invalid_request_error",
+            f"X-Request-Timeout must be a positive number of seconds, got {value[:40]!r}.",
+            "X-Request-Timeout",
+        )
+    return seconds
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -51,8 +51,17 @@ local function figures(handle, md)
   )
 end
 
-local function rewrite_event(event, keep_usage)
+local function rewrite_event(handle, event, keep_usage)
   if string.find(event, '"choices":[]', 1, true) then
+    -- The usage-only event. Backends whose raw stream carries no OpenAI usage (TGI native:
+    -- the processor's translator writes this event) are metered from it here.
+    local p = string.match(event, '"prompt_tokens":%s*(%d+)')
+    local c = string.match(event, '"completion_tokens":%s*(%d+)')
+    if p ~= nil and c ~= nil then
+      local meta = handle:streamInfo():dynamicMetadata()
+      meta:set("tollgate.usage", "prompt_tokens", tonumber(p))
+      meta:set("tollgate.usage", "completion_tokens", tonumber(c))
+    end
     if keep_usage then
       return event .. "\n\n"
     end
@@ -96,7 +105,7 @@ function envoy_on_response(handle)
         out[#out + 1] = figures(handle, md)
         out[#out + 1] = "data: [DONE]\n\n"
       else
-        out[#out + 1] = rewrite_event(event, keep_usage)
+        out[#out + 1] = rewrite_event(handle, event, keep_usage)
       end
       pos = e + 1
     end

@@ -71,6 +71,10 @@ def estimate_prompt_tokens(op: str, body: dict[str, Any]) -> int:
         return total
     if op == "completions":
         return _input_tokens(body.get("prompt"))
-    if op == "embeddings":
+    if op in ("embeddings", "classify"):
         return _input_tokens(body.get("input"))
+    if op == "rerank":  # a cross-encoder reads the query once per document
+        docs = [d.get("text") if isinstance(d, dict) else d for d in body.get("documents") or ()]
+        query = _input_tokens(body.get("query"))
+        return sum(query + _input_tokens(d) for d in docs)
     return 0

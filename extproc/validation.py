@@ -121,6 +121,70 @@ def embeddings(body: dict[str, Any]) -> bool:
     return False
 
 
+def _no_stream(body: dict[str, Any], what: str) -> None:
+    if body.get("stream"):
+        raise invalid(f"{what} cannot be streamed.", "stream")
+
+
+def rerank(body: dict[str, Any]) -> bool:
+    """Rerank (Cohere/Jina style: query, documents, top_n, return_documents); never a stream."""
+    query = body.get("query")
+    if query is None:
+        raise invalid("Missing required parameter: 'query'.", "query")
+    if not isinstance(query, str):
+        raise invalid(f"'query' must be a string, got {_type_name(query)}.", "query")
+    if not query:
+        raise invalid("'query' must not be empty.", "query")
+    documents = body.get("documents")
+    if documents is None:
+        raise invalid("Missing required parameter: 'documents'.", "documents")
+    if not isinstance(documents, list):
+        raise invalid(f"'documents' must be an array, got {_type_name(documents)}.", "documents")
+    if not documents:
+        raise invalid("'documents' must contain at least one document.", "documents")
+    for i, doc in enumerate(documents):
+        if isinstance(doc, str):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+            continue
+        raise invalid(
+            f"'documents[{i}]' must be a string or an object with a string 'text',"
+            f" got {_type_name(doc)}.",
+            f"documents[{i}]",
+        )
+    _positive_int(body, "top_n")
+    flag = body.get("return_documents")
+    if flag is not None and not isinstance(flag, bool):
+        raise invalid(
+            f"'return_documents' must be a boolean, got {_type_name(flag)}.", "return_documents"
+        )
+    _no_stream(body, "Rerank requests")
+    return False
+
+
+def classify(body: dict[str, Any]) -> bool:
+    """Classification: ``input`` is a string or a non-empty array of strings; never a stream."""
+    value = body.get("input")
+    if value is None:
+        raise invalid("Missing required parameter: 'input'.", "input")
+    if isinstance(value, list):
+        if not value:
+            raise invalid("'input' must not be an empty array.", "input")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise invalid(
+                    f"'input[{i}]' must be a string, got {_type_name(item)}.", f"input[{i}]"
+                )
+    elif not isinstance(value, str):
+        raise invalid(
+            f"'input' must be a string or an array of strings, got {_type_name(value)}.", "input"
+        )
+    elif not value:
+        raise invalid("'input' must not be empty.", "input")
+    _no_stream(body, "Classification requests")
+    return False
+
+
 def json_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise invalid(f"The request body must be a JSON object, got {_type_name(body)}.")

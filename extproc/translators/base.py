@@ -1,4 +1,20 @@
-"""The interface every translator implements, and the choice of translator per backend kind."""
+"""The interface every translator implements, and the choice of translator per backend kind.
+
+Call order, per request (one translator instance each):
+
+1. :meth:`Translator.request` (after validation; the processor has already set ``max_tokens``
+   and, for streams, ``stream_options``) then :meth:`Translator.backend_path` (it may depend on
+   what ``request`` saw, e.g. TGI's ``/generate`` vs ``/generate_stream``);
+2. :meth:`Translator.response_headers` with the backend's headers (lowercase names), then
+   :meth:`Translator.response_status` and :meth:`Translator.wants_response_body`;
+3. status >= 400: :meth:`Translator.error` with the whole body; otherwise
+   :meth:`Translator.response_body` once with the whole body (non-stream) or per chunk (stream).
+
+Content types need no rewriting: every translated non-stream answer is JSON, as the backend's
+was (TGI ``/generate``, TEI ``/embed`` ``/rerank`` ``/predict`` all answer
+``application/json``), and every stream stays ``text/event-stream``. Error bodies become JSON
+even when the backend's were plain text; the processor sets ``content-type`` on those.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +22,29 @@ from typing import Any, Protocol
 
 from ..config import Backend, Model
 from ..errors import GatewayError
+from .openai_vllm import OpenAIToVLLM
+from .tei import Tei
+from .tgi_messages import TgiMessages
+from .tgi_native import TgiNative
 
 
 class Translator(Protocol):
+    dropped: list[str]
+    """Request fields removed because the backend cannot use them (for a response header)."""
+
+    usage: dict[str, int] | None
+    """``{"prompt_tokens", "completion_tokens"}`` once the response revealed them."""
+
     def request(self, op: str, body: dict[str, Any], stream: bool) -> bool:
         """Rewrite ``body`` (parsed) for the backend in place; True if anything changed."""
         ...
 
     def backend_path(self, op: str, path: str) -> str | None:
         """The backend's path for this operation, or None to keep the client's."""
+        ...
+
+    def response_headers(self, status: int, headers: dict[str, str]) -> None:
+        """The backend's response headers (lowercase names), before any body."""
         ...
 
     def wants_response_body(self, status: int, content_type: str) -> bool:
@@ -34,14 +64,19 @@ class Translator(Protocol):
         ...
 
 
-def for_backend(backend: Backend, model: Model) -> Translator:
-    from .openai_vllm import OpenAIToVLLM
-
-    if backend.kind in ("vllm", "openai"):
-        return OpenAIToVLLM(model)
+def for_backend(backend: Backend, model: Model, request_id: str = "") -> Translator:
+    kind = backend.kind
+    if kind == "vllm" or kind == "openai":
+        return OpenAIToVLLM(model, request_id)
+    if kind == "tgi":
+        if backend.mode == "messages":
+            return TgiMessages(model, request_id)
+        return TgiNative(model, request_id)
+    if kind == "tei":
+        return Tei(model, request_id)
     raise GatewayError(
         "invalid_request_error",
-        f"The model '{model.id}' is served by a '{backend.kind}' backend, which this gateway"
+        f"The model '{model.id}' is served by a '{kind}' backend, which this gateway"
         " version cannot translate to yet.",
         "model",
         status=501,

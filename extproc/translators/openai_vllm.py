@@ -24,12 +24,20 @@ import orjson
 from ..config import Model
 from ..errors import GatewayError
 from ..sse import EventSplitter
+from .errors_map import client_status, normalize_error
+
+__all__ = ["OpenAIToVLLM", "normalize_error"]
 
 
 class OpenAIToVLLM:
     __slots__ = ("_alias_from", "_alias_to", "_model", "_splitter")
 
-    def __init__(self, model: Model) -> None:
+    # Nothing is ever dropped and usage is read by Envoy's stream meter / the access log, so these
+    # are shared class attributes (never mutated) and the fast path stays allocation-free.
+    dropped: list[str] = []
+    usage: dict[str, int] | None = None
+
+    def __init__(self, model: Model, request_id: str = "") -> None:
         self._model = model
         self._splitter: EventSplitter | None = None
         if model.aliased:
@@ -57,8 +65,11 @@ class OpenAIToVLLM:
         return changed
 
     # ----------------------------------------------------------------- response
+    def response_headers(self, status: int, headers: dict[str, str]) -> None:
+        return None
+
     def response_status(self, status: int) -> int | None:
-        return normalize_error(status, b"").status if status >= 400 else None
+        return client_status(status)
 
     def wants_response_body(self, status: int, content_type: str) -> bool:
         if status >= 400:
@@ -88,65 +99,3 @@ class OpenAIToVLLM:
     # ------------------------------------------------------------------- errors
     def error(self, status: int, body: bytes) -> GatewayError:
         return normalize_error(status, body)
-
-
-def _parse_error(body: bytes) -> tuple[str, str | None, str]:
-    """(message, param, backend type) from any OpenAI/vLLM error body, or the raw text."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace").strip()
-        return text[:500] or "", None, ""
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        if isinstance(err, str):  # vLLM's 401: {"error": "Unauthorized"}
-            return err, None, ""
-        if isinstance(err, dict):
-            message = err.get("message") or err.get("detail") or ""
-            param = err.get("param")
-            return (
-                str(message),
-                param if isinstance(param, str) else None,
-                str(err.get("type") or ""),
-            )
-    return "", None, ""
-
-
-def normalize_error(status: int, body: bytes) -> GatewayError:
-    message, param, _backend_type = _parse_error(body)
-    lowered = message.lower()
-    if status == 404:
-        return GatewayError(
-            "model_not_found", message or "The backend does not serve this model.", param or "model"
-        )
-    if status in (400, 422, 501):
-        if "context length" in lowered or "maximum context" in lowered:
-            return GatewayError("context_length_exceeded", message, param or "messages")
-        return GatewayError(
-            "invalid_request_error", message or "The backend rejected the request.", param
-        )
-    if status == 413:
-        return GatewayError(
-            "request_too_large", message or "The request is too large for the backend."
-        )
-    if status in (401, 403):
-        return GatewayError(
-            "backend_unavailable",
-            "The gateway could not authenticate to the model backend.",
-            status=502,
-        )
-    if status == 429 or status == 503:
-        return GatewayError(
-            "backend_unavailable",
-            "The model backend is overloaded or not ready; retry shortly.",
-            retry_after=1,
-        )
-    if status == 504:
-        return GatewayError("backend_timeout", "The model backend timed out.")
-    if status >= 500:
-        return GatewayError(
-            "backend_unavailable",
-            f"The model backend failed: {message}" if message else "The model backend failed.",
-            status=502,
-        )
-    return GatewayError("invalid_request_error", message or f"Backend answered {status}.", param)
