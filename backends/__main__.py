@@ -6,9 +6,12 @@ Once listening it prints exactly one line to stdout, ``simulator ready kind=vllm
 port=8101`` (with the real port when ``--port 0`` asked for a free one), so a supervisor
 can wait for it. SIGTERM / SIGINT stop it cleanly.
 
-Personalities are sibling modules (``backends/vllm.py``; later ``tgi.py``, ``tei.py``)
-listed in :data:`PERSONALITIES`. Each provides ``add_arguments(parser)`` for its flags
-and ``app_from_args(args) -> backends.http.App``.
+Personalities are sibling modules listed in :data:`PERSONALITIES`: ``vllm``
+(``backends/vllm.py``), ``tgi`` (``tgi.py``), ``tei`` (``tei.py``) and ``openai``
+(``openai_media.py``). Each provides ``add_arguments(parser)`` for its flags and
+``app_from_args(args) -> backends.http.App``; all of them accept the flags ``tollgate up``
+passes for a ``simulate:`` block (``--model``, ``--ttft-ms``, ``--itl-ms``,
+``--output-tokens``, ``--max-running``, ``--max-queue``; see ``backends/common.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from backends.http import App, bound_port, start_server
 
 PERSONALITIES: dict[str, str] = {
     "vllm": "backends.vllm",
+    "tgi": "backends.tgi",
+    "tei": "backends.tei",
+    "openai": "backends.openai_media",
 }
 
 
@@ -33,9 +39,11 @@ def _personality(kind: str) -> ModuleType:
     return importlib.import_module(PERSONALITIES[kind])
 
 
-def build_parser(kind: str | None = None) -> argparse.ArgumentParser:
+def build_parser(kind: str | None = None, *, add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m backends", description="Run an inference-backend simulator."
+        prog="python -m backends",
+        description="Run an inference-backend simulator.",
+        add_help=add_help,
     )
     parser.add_argument("--kind", choices=sorted(PERSONALITIES), default="vllm")
     parser.add_argument("--host", default="127.0.0.1")
@@ -72,7 +80,7 @@ async def serve(app: App, host: str, port: int, kind: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    first, _ = build_parser().parse_known_args(argv)
+    first, _ = build_parser(add_help=False).parse_known_args(argv)
     args = build_parser(first.kind).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -9,7 +9,13 @@ on uvloop. It does only what the simulators need, and does it cheaply:
   de-chunks them); ``Expect: 100-continue`` is answered;
 * responses with ``Content-Length`` (:class:`Response`) or streamed with
   ``Transfer-Encoding: chunked`` (:class:`StreamResponse`): every item the stream's async
-  iterator yields is written as its own chunk at once, never buffered;
+  iterator yields is written as its own chunk at once, never buffered; an iterator that
+  raises :class:`AbortStream` ends the response without its terminating chunk (a
+  truncated body) and closes the connection;
+* a route may take its request body as a stream: ``app.route(..., body_sink=factory)``
+  makes the parser hand each piece of the body to ``factory(headers)``'s ``feed()`` as it
+  arrives instead of buffering it (e.g. a multipart upload of any size), and the handler
+  finds that sink in ``request.sink``;
 * requests arriving while one is in flight on the same connection are queued and served
   in order (no concurrent pipelining).
 
@@ -32,13 +38,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 import orjson
 
 __all__ = [
+    "AbortStream",
     "App",
+    "BodySink",
     "Handler",
     "Request",
     "Response",
@@ -55,9 +63,22 @@ Header = tuple[str, str]
 
 
 class Request:
-    """One parsed HTTP request. ``headers`` has lower-cased names (repeats joined by ", ")."""
+    """One parsed HTTP request. ``headers`` has lower-cased names (repeats joined by ", ").
 
-    __slots__ = ("body", "headers", "http_version", "keep_alive", "method", "path", "query")
+    ``body`` is the whole body, except on a route with a ``body_sink``: there ``body`` is
+    empty and ``sink`` is the object that consumed the body.
+    """
+
+    __slots__ = (
+        "body",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "sink",
+    )
 
     def __init__(
         self,
@@ -77,6 +98,7 @@ class Request:
         self.body = body
         self.http_version = http_version
         self.keep_alive = keep_alive
+        self.sink: Any = None
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path}>"
@@ -132,6 +154,29 @@ class StreamResponse:
 Handler = Callable[[Request], Coroutine[Any, Any, Response | StreamResponse]]
 
 
+class AbortStream(Exception):
+    """Raised by a :class:`StreamResponse` iterator to cut the response short.
+
+    The connection is closed without the final zero-length chunk, so the client sees a
+    truncated body (like a server that died mid-response). Nothing is logged.
+    """
+
+
+class BodySink(Protocol):
+    """Consumes a request body piece by piece (see ``App.route(..., body_sink=...)``).
+
+    ``feed`` gets every piece as it arrives, ``finish`` is called once at the end of the
+    message. Neither should raise: a sink records problems and lets the handler report.
+    """
+
+    def feed(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+BodySinkFactory = Callable[[dict[str, str]], BodySink]
+
+
 def not_found() -> Response:
     """FastAPI's 404 for an unknown path."""
     return Response(404, _NOT_FOUND)
@@ -163,6 +208,7 @@ class App:
         default_headers: Iterable[Header] = (),
     ) -> None:
         self.routes: dict[str, dict[str, Handler]] = {}
+        self.body_sinks: dict[tuple[str, str], BodySinkFactory] = {}
         self.server_header = server_header
         self.keep_alive_timeout = keep_alive_timeout
         self.default_headers: list[Header] = list(default_headers)
@@ -183,8 +229,14 @@ class App:
         self.default_headers.append((name, value))
         self._rebuild_static()
 
-    def route(self, method: str, path: str, handler: Handler) -> None:
+    def route(
+        self, method: str, path: str, handler: Handler, *, body_sink: BodySinkFactory | None = None
+    ) -> None:
+        """Serve ``method path`` with ``handler``; with ``body_sink``, stream the body into
+        ``body_sink(headers)`` instead of buffering it (the handler reads ``request.sink``)."""
         self.routes.setdefault(path, {})[method.upper()] = handler
+        if body_sink is not None:
+            self.body_sinks[(method.upper(), path)] = body_sink
 
     def resolve(self, method: str, path: str) -> Handler | Response:
         methods = self.routes.get(path)
@@ -286,6 +338,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body_parts: list[bytes] = []
+        self.sink: BodySink | None = None
         self.pending: deque[Request] = deque()
         self.busy = False
         self.closed = False
@@ -374,6 +427,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = {}
         self.body_parts = []
+        self.sink = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -388,9 +442,19 @@ class HttpProtocol(asyncio.Protocol):
         expect = self.headers.get("expect")
         if expect is not None and expect.lower() == "100-continue" and self.transport:
             self.transport.write(_CONTINUE)
+        if self.app.body_sinks:
+            method = self.parser.get_method().decode("ascii")
+            path = self.url.partition(b"?")[0].decode("latin-1")
+            factory = self.app.body_sinks.get((method, path))
+            if factory is not None:
+                self.sink = factory(self.headers)
 
     def on_body(self, body: bytes) -> None:
-        self.body_parts.append(body)
+        sink = self.sink
+        if sink is None:
+            self.body_parts.append(body)
+        else:
+            sink.feed(body)
 
     def on_message_complete(self) -> None:
         path, _, query = self.url.partition(b"?")
@@ -405,6 +469,10 @@ class HttpProtocol(asyncio.Protocol):
             http_version=self.parser.get_http_version(),
             keep_alive=self.parser.should_keep_alive(),
         )
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.finish()
+            request.sink = sink
         if self.closed or self.transport is None or self.transport.is_closing():
             return
         if self.busy:
@@ -511,8 +579,8 @@ class HttpProtocol(asyncio.Protocol):
                 if not self.closed and chunked:
                     transport.write(b"0\r\n\r\n")
                 completed = not self.closed
-        except asyncio.CancelledError:
-            pass  # client went away
+        except (asyncio.CancelledError, AbortStream):
+            pass  # client went away, or the handler cut the response short
         except Exception:
             log.exception("stream failed: %s %s", request.method, request.path)
         finally:

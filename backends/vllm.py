@@ -22,19 +22,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import os
 import time
-from bisect import bisect_left
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 
 from backends import textgen
+from backends.common import (
+    QUEUED,
+    REJECTED,
+    BadKnob,
+    Histogram,
+    Scheduler,
+    SimControl,
+    add_common_arguments,
+    check_common_arguments,
+    fmt_float,
+    json_or_text,
+    knob_float,
+    knob_int,
+    label_value,
+)
 from backends.http import App, Header, Request, Response, StreamResponse, not_found
 
 __all__ = [
@@ -53,6 +65,14 @@ VLLM_VERSION = "0.11.0"
 DEFAULT_MODEL = "facebook/opt-125m"  # what `vllm serve` loads when given no model
 
 _SSE_DONE = b"data: [DONE]\n\n"
+
+# the shared helpers under their historical private names
+_BadKnob = BadKnob
+_knob_float = knob_float
+_knob_int = knob_int
+_fmt = fmt_float
+_label_value = label_value
+_json_or_text = json_or_text
 
 
 @dataclass
@@ -159,98 +179,6 @@ _INJECTED_MESSAGES = {
 }
 
 
-class _BadKnob(ValueError):
-    pass
-
-
-def _knob_float(headers: dict[str, str], name: str, default: float) -> float:
-    raw = headers.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise _BadKnob(f"invalid {name} header: {raw!r}") from None
-    if not value >= 0:
-        raise _BadKnob(f"invalid {name} header: {raw!r}")
-    return value
-
-
-def _knob_int(headers: dict[str, str], name: str, default: int | None, minimum: int) -> int | None:
-    raw = headers.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _BadKnob(f"invalid {name} header: {raw!r}") from None
-    if value < minimum:
-        raise _BadKnob(f"invalid {name} header: {raw!r} (minimum {minimum})")
-    return value
-
-
-# --- concurrency ---------------------------------------------------------------------
-
-ADMITTED, QUEUED, REJECTED = 0, 1, 2
-
-
-class Scheduler:
-    """At most ``max_running`` generations at once, ``max_queue`` more waiting (FIFO).
-
-    ``admit()`` is synchronous: ``ADMITTED`` takes a running slot now, ``QUEUED`` means the
-    caller must ``await wait()`` for one, ``REJECTED`` means both are full (429). Every
-    admitted request must call ``release()`` exactly once.
-    """
-
-    def __init__(self, max_running: int, max_queue: int) -> None:
-        self.max_running = max_running
-        self.max_queue = max_queue
-        self.running = 0
-        self.waiting = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def admit(self) -> int:
-        if self.running < self.max_running and not self._waiters:
-            self.running += 1
-            return ADMITTED
-        if self.waiting < self.max_queue:
-            return QUEUED
-        return REJECTED
-
-    async def wait(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self.waiting += 1
-        try:
-            await fut
-        except BaseException:  # cancelled, or the coroutine closed (GeneratorExit)
-            if fut.done() and not fut.cancelled():
-                self.release()  # the slot was already handed over: pass it on
-            else:
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
-        finally:
-            self.waiting -= 1
-
-    def release(self) -> None:
-        self.running -= 1
-        self._grant()
-
-    def _grant(self) -> None:
-        while self._waiters and self.running < self.max_running:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.running += 1
-                fut.set_result(None)
-
-    def resize(self, max_running: int, max_queue: int) -> None:
-        self.max_running = max_running
-        self.max_queue = max_queue
-        self._grant()
-
-
 # --- metrics -------------------------------------------------------------------------
 
 TTFT_BUCKETS = (
@@ -266,41 +194,6 @@ LATENCY_BUCKETS = (
     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
-
-
-def _fmt(value: float) -> str:
-    """Prometheus client's float formatting (``1.0``, ``0.001``, ``+Inf``)."""
-    if value == float("inf"):
-        return "+Inf"
-    return repr(float(value))
-
-
-class Histogram:
-    __slots__ = ("buckets", "count", "counts", "sum")
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float, times: int = 1) -> None:
-        self.counts[bisect_left(self.buckets, value)] += times
-        self.sum += value * times
-        self.count += times
-
-    def render(self, name: str, labels: str, out: list[str]) -> None:
-        cumulative = 0
-        for bound, n in zip(self.buckets, self.counts, strict=False):
-            cumulative += n
-            out.append(f'{name}_bucket{{{labels},le="{_fmt(bound)}"}} {_fmt(cumulative)}')
-        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {_fmt(self.count)}')
-        out.append(f"{name}_count{{{labels}}} {_fmt(self.count)}")
-        out.append(f"{name}_sum{{{labels}}} {_fmt(self.sum)}")
-
-
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class Metrics:
@@ -470,27 +363,6 @@ class _Plan:
         self.continuous_usage = False
 
 
-_CONFIG_KEYS = {
-    "ttft_ms": float,
-    "itl_ms": float,
-    "output_tokens": int,
-    "max_running": int,
-    "max_queue": int,
-    "error_status": int,
-    "error_count": int,
-    "health_status": int,
-}
-
-
-def _json_or_text(body: bytes) -> Any:
-    if not body:
-        return None
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace")
-
-
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -503,22 +375,19 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-class VllmSimulator:
+class VllmSimulator(SimControl):
     """State and handlers of one simulated vLLM server; ``self.app`` is what to serve."""
 
+    config: VllmConfig
+
     def __init__(self, config: VllmConfig | None = None) -> None:
-        self.config = config = config or VllmConfig()
+        config = config or VllmConfig()
         if not config.models:
             config.models = [DEFAULT_MODEL]
+        super().__init__(config)
         self.model_name = config.models[0]
         self.served = frozenset(config.models)
-        self.scheduler = Scheduler(config.max_running, config.max_queue)
         self.metrics = Metrics(self.model_name, self.scheduler)
-        self.history: deque[dict[str, Any]] = deque(maxlen=config.history)
-        self.started = int(time.time())
-        self.error_status: int | None = None
-        self.error_count: int | None = None
-        self.health_status = 200
         headers: list[Header] = []
         if config.pod_name:
             headers.append(("x-inference-pod", config.pod_name))
@@ -538,25 +407,10 @@ class VllmSimulator:
         route("GET", "/metrics", self.prometheus)
         route("GET", "/metrics/", self.prometheus)
         route("GET", "/version", self.version)
-        route("GET", "/sim/requests", self.sim_requests)
-        route("DELETE", "/sim/requests", self.sim_requests_clear)
-        route("GET", "/sim/config", self.sim_config)
-        route("POST", "/sim/config", self.sim_config_update)
+        self.add_control_routes(self.app)
         self.app.fallback = self.unknown_route
 
     # -- helpers -----------------------------------------------------------------------
-
-    def _record(self, req: Request, body: Any) -> None:
-        self.history.append(
-            {
-                "time": time.time(),
-                "method": req.method,
-                "path": req.path,
-                "query": req.query,
-                "headers": req.headers,
-                "body": body,
-            }
-        )
 
     @staticmethod
     def _rid_headers(req: Request, rid: str | None = None) -> tuple[str, list[Header]]:
@@ -581,16 +435,6 @@ class VllmSimulator:
         template, param = _INJECTED_MESSAGES.get(status, (None, None))
         message = template.format(model=name) if template else HTTPStatus(status).phrase
         return error_response(status, message, param=param, headers=headers)
-
-    def _configured_error(self) -> int | None:
-        status = self.error_status
-        if status is None:
-            return None
-        if self.error_count is not None:
-            self.error_count -= 1
-            if self.error_count <= 0:
-                self.error_status = self.error_count = None
-        return status
 
     def _begin(self, req: Request) -> tuple[dict[str, Any], str, list[Header]] | Response:
         """Shared start of the JSON POST routes: record, inject, parse, check media type."""
@@ -1345,71 +1189,8 @@ class VllmSimulator:
         self._record(req, _json_or_text(req.body))
         return not_found()
 
-    # -- simulator control -------------------------------------------------------------
-
-    async def sim_requests(self, req: Request) -> Response:
-        return Response(200, orjson.dumps(list(self.history)))
-
-    async def sim_requests_clear(self, req: Request) -> Response:
-        self.history.clear()
-        return Response(200, b'{"cleared":true}')
-
-    def _config_view(self) -> dict[str, Any]:
-        view = asdict(self.config)
-        view.update(
-            error_status=self.error_status,
-            error_count=self.error_count,
-            health_status=self.health_status,
-            running=self.scheduler.running,
-            waiting=self.scheduler.waiting,
-        )
-        return view
-
-    async def sim_config(self, req: Request) -> Response:
-        return Response(200, orjson.dumps(self._config_view()))
-
-    async def sim_config_update(self, req: Request) -> Response:
-        """Change knobs at run time: ``{"ttft_ms": 50, "error_status": 503, ...}``.
-
-        ``error_status`` makes every generation request (chat, completions, embeddings)
-        fail with that status, or only the next ``error_count`` ones; ``null`` clears it.
-        ``health_status`` is what ``/health`` answers. Unknown keys are a 400.
-        """
-        try:
-            update = orjson.loads(req.body or b"{}")
-        except orjson.JSONDecodeError:
-            return error_response(400, "body must be a JSON object")
-        if not isinstance(update, dict):
-            return error_response(400, "body must be a JSON object")
-        unknown = sorted(set(update) - set(_CONFIG_KEYS))
-        if unknown:
-            return error_response(400, f"unknown config keys: {', '.join(unknown)}")
-        for key, value in update.items():
-            nullable = key in ("error_status", "error_count")
-            if value is None and nullable:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return error_response(400, f"{key} must be a number")
-            if value < 0 or (key == "output_tokens" and value < 1):
-                return error_response(400, f"{key} out of range: {value}")
-            if key == "error_status" and not 400 <= value <= 599:
-                return error_response(400, "error_status must be within 400..599")
-        c = self.config
-        for key, value in update.items():
-            cast = _CONFIG_KEYS[key]
-            value = None if value is None else cast(value)
-            if key == "error_status":
-                self.error_status = value
-            elif key == "error_count":
-                self.error_count = value
-            elif key == "health_status":
-                self.health_status = int(value) if value else 200
-            else:
-                setattr(c, key, value)
-        if "error_status" in update and "error_count" not in update:
-            self.error_count = None
-        self.scheduler.resize(c.max_running, c.max_queue)
-        return Response(200, orjson.dumps(self._config_view()))
+    def _control_error(self, message: str) -> Response:
+        return error_response(400, message)
 
 
 def build_app(config: VllmConfig | None = None) -> App:
@@ -1424,47 +1205,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the vLLM personality's flags to the ``python -m backends`` parser."""
     d = VllmConfig()
     g = parser.add_argument_group("vllm personality")
-    g.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        metavar="NAME",
-        help="served model name; repeatable, the first is what responses report "
+    add_common_arguments(
+        g,
+        d,
+        DEFAULT_MODEL,
+        "served model name; repeatable, the first is what responses report "
         f"(like --served-model-name; default {DEFAULT_MODEL})",
     )
     g.add_argument("--max-model-len", type=int, default=d.max_model_len)
     g.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
-    g.add_argument(
-        "--ttft-ms", type=float, default=d.ttft_ms, help="time to first token (x-sim-ttft-ms)"
-    )
-    g.add_argument(
-        "--itl-ms", type=float, default=d.itl_ms, help="inter-token latency (x-sim-itl-ms)"
-    )
-    g.add_argument(
-        "--output-tokens",
-        type=int,
-        default=d.output_tokens,
-        help="natural output length in tokens (x-sim-output-tokens)",
-    )
-    g.add_argument("--max-running", type=int, default=d.max_running)
-    g.add_argument("--max-queue", type=int, default=d.max_queue)
     g.add_argument(
         "--enable-force-include-usage",
         action="store_true",
         help="always send the final usage chunk on streams (vLLM flag)",
     )
     g.add_argument("--vllm-version", default=d.version, help="what GET /version reports")
-    g.add_argument(
-        "--pod-name",
-        default=os.environ.get("POD_NAME"),
-        help="sent as x-inference-pod on every response (default $POD_NAME)",
-    )
-    g.add_argument("--history", type=int, default=d.history, help="requests kept for /sim")
 
 
 def config_from_args(args: argparse.Namespace) -> VllmConfig:
-    if args.output_tokens < 1:
-        raise SystemExit("--output-tokens must be >= 1")
+    check_common_arguments(args)
     return VllmConfig(
         models=list(args.models or [DEFAULT_MODEL]),
         max_model_len=args.max_model_len,

@@ -229,6 +229,13 @@ class Stack:
                 argv += ["--ttft-ms", str(s.ttft_ms), "--itl-ms", str(s.itl_ms)]
                 argv += ["--output-tokens", str(s.output_tokens)]
                 argv += ["--max-running", str(s.max_running), "--max-queue", str(s.max_queue)]
+                if b.kind == "tei":  # one TEI serves one task; the models it backs say which
+                    kinds = {m.kind for m in cfg.models if m.backend == b.name}
+                    task = {"rerank": "reranker", "classify": "classifier"}
+                    argv += [
+                        "--model-type",
+                        next((task[k] for k in kinds if k in task), "embedding"),
+                    ]
                 sim = self._spawn(f"sim-{b.name}", argv)
                 self._wait(sim, lambda e=e: port_open(e.host, e.port), "listening", timeout)
         for i in range(cfg.processor.workers if self.start_workers else 0):

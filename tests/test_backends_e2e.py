@@ -1,0 +1,224 @@
+"""The same OpenAI SDK script against a vLLM-, a TGI-native- and a TGI-Messages-backed model gives
+equivalent results; embeddings, rerank and classify through TEI; all metered, through Envoy."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import Gateway, base_config, free_port_block, start_gateway
+
+PRICE = {"input_per_1m": 1, "output_per_1m": 2}
+CHAT_MODELS = ("vllm-model", "tgi-native-model", "tgi-messages-model")
+HELLO = [{"role": "user", "content": "Tell me about gateways."}]
+
+
+def _sim(name: str, kind: str, **extra: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "kind": kind,
+        "endpoints": [f"127.0.0.1:{free_port_block()}"],
+        "request_timeout": "20s",
+        "simulate": {"output_tokens": 8},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    cfg = base_config()
+    cfg["backends"] = [
+        _sim("vllm-b", "vllm"),
+        _sim("tgi-native", "tgi"),
+        _sim("tgi-messages", "tgi", mode="messages"),
+        _sim("tei-embed", "tei"),
+        _sim("tei-rerank", "tei"),
+        _sim("tei-classify", "tei"),
+    ]
+    cfg["models"] = [
+        {"id": "vllm-model", "backend": "vllm-b", "pricing": PRICE},
+        {"id": "tgi-native-model", "backend": "tgi-native", "pricing": PRICE},
+        {"id": "tgi-messages-model", "backend": "tgi-messages", "pricing": PRICE},
+        {"id": "tei-embed-model", "backend": "tei-embed", "kind": "embedding", "pricing": PRICE},
+        {"id": "tei-rerank-model", "backend": "tei-rerank", "kind": "rerank", "pricing": PRICE},
+        {"id": "tei-cls-model", "backend": "tei-classify", "kind": "classify", "pricing": PRICE},
+    ]
+    g = start_gateway(Path(tmp_path_factory.mktemp("backends")), cfg)
+    try:
+        yield g
+    finally:
+        g.stack.stop()
+
+
+@pytest.fixture()
+def sdk(gw: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.v1, api_key=gw.key, max_retries=0, timeout=20)
+
+
+def _ledger_debits(gw: Gateway) -> dict[str, dict]:
+    r = httpx.get(
+        gw.v1 + "/credits/transactions?limit=200", headers={"Authorization": f"Bearer {gw.key}"}
+    )
+    return {e["request_id"]: e for e in r.json()["data"] if e.get("type") == "debit"}
+
+
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_same_sdk_script_on_every_chat_backend(sdk: openai.OpenAI, gw: Gateway, model: str) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(model=model, messages=HELLO, max_tokens=8)
+    reply = raw.parse()
+    rid = raw.headers["x-request-id"]
+    assert reply.id == f"chatcmpl-{rid}" or reply.id.startswith("chatcmpl-")
+    assert reply.model == model
+    assert reply.object == "chat.completion"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens == 8
+    assert float(raw.headers["x-credits-used"]) > 0
+
+    # Streaming: role first, content deltas that add up to the non-stream text, one finish
+    # reason, usage when asked for, and the stream ends cleanly ([DONE]).
+    chunks = list(
+        sdk.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert all(c.model == model for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert text == choice.message.content
+    reasons = [c.choices[0].finish_reason for c in with_choices if c.choices[0].finish_reason]
+    assert reasons in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+
+    # completions (legacy) where the backend has them
+    if model != "tgi-messages-model":
+        comp = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=5)
+        assert comp.choices[0].text and comp.usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_streams_are_metered_with_their_real_usage(gw: Gateway, model: str) -> None:
+    with httpx.stream(
+        "POST",
+        gw.v1 + "/chat/completions",
+        headers={"Authorization": f"Bearer {gw.key}"},
+        json={"model": model, "messages": HELLO, "max_tokens": 6, "stream": True},
+    ) as r:
+        rid = r.headers["x-request-id"]
+        body = r.read().decode()
+    assert body.rstrip().endswith("data: [DONE]")
+    assert '"completion_tokens":6' in body  # the credits comment before [DONE]
+    assert '"usage"' not in body.replace(": tollgate", "")  # not asked for: stripped
+    for _ in range(50):
+        debit = _ledger_debits(gw).get(rid)
+        if debit:
+            break
+        time.sleep(0.1)
+    assert debit and debit["tokens_out"] == 6 and debit["tokens_in"] > 0
+
+
+def test_tgi_native_rejects_and_drops_what_it_cannot_do(gw: Gateway) -> None:
+    h = {"Authorization": f"Bearer {gw.key}"}
+    r = httpx.post(
+        gw.v1 + "/chat/completions",
+        headers=h,
+        json={"model": "tgi-native-model", "messages": HELLO, "n": 2},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(
+        gw.v1 + "/chat/completions",
+        headers=h,
+        json={
+            "model": "tgi-native-model",
+            "messages": HELLO,
+            "presence_penalty": 0.5,
+            "top_p": 1.0,
+            "max_tokens": 3,
+        },
+    )
+    assert r.status_code == 200, r.text  # top_p 1.0 would be TGI's own 422
+    assert "presence_penalty" in r.headers["x-gateway-dropped-params"]
+    seen = httpx.get(gw.sim_url("tgi-native") + "/sim/requests").json()
+    last = seen[-1] if isinstance(seen, list) else seen["requests"][-1]
+    assert last["path"] == "/generate"
+
+
+def test_tgi_in_stream_error_becomes_an_sdk_error(sdk: openai.OpenAI) -> None:
+    stream = sdk.chat.completions.create(
+        model="tgi-native-model",
+        messages=HELLO,
+        stream=True,
+        max_tokens=8,
+        extra_headers={"x-sim-error-after": "2"},
+    )
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+
+
+def test_tei_embeddings_float_and_base64(sdk: openai.OpenAI) -> None:
+    floats = sdk.embeddings.create(model="tei-embed-model", input=["hello", "world"])
+    assert [d.index for d in floats.data] == [0, 1]
+    assert floats.usage.prompt_tokens > 0
+    raw = sdk.embeddings.with_raw_response.create(
+        model="tei-embed-model", input="hello", encoding_format="base64"
+    )
+    b64 = raw.http_response.json()["data"][0]["embedding"]
+    decoded = struct.unpack(f"<{len(base64.b64decode(b64)) // 4}f", base64.b64decode(b64))
+    assert decoded == pytest.approx(floats.data[0].embedding, rel=1e-6)
+    short = sdk.embeddings.create(model="tei-embed-model", input="hello", dimensions=16)
+    assert len(short.data[0].embedding) == 16
+
+
+def test_tei_rerank_and_classify(gw: Gateway) -> None:
+    h = {"Authorization": f"Bearer {gw.key}"}
+    docs = ["a gateway meters tokens", "bananas are yellow", "envoy proxies requests"]
+    r = httpx.post(
+        gw.v1 + "/rerank",
+        headers=h,
+        json={
+            "model": "tei-rerank-model",
+            "query": "what is a gateway?",
+            "documents": docs,
+            "top_n": 2,
+            "return_documents": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 2
+    assert results[0]["relevance_score"] >= results[1]["relevance_score"]
+    assert results[0]["document"]["text"] == docs[results[0]["index"]]
+    assert float(r.headers["x-credits-used"]) > 0
+    c = httpx.post(
+        gw.v1 + "/classify", headers=h, json={"model": "tei-cls-model", "input": ["great", "bad"]}
+    )
+    assert c.status_code == 200, c.text
+    data = c.json()["data"]
+    assert [d["index"] for d in data] == [0, 1] and all(d["label"] for d in data)
+    # the wrong task for a model is the gateway's 400, not TEI's 424
+    bad = httpx.post(
+        gw.v1 + "/rerank",
+        headers=h,
+        json={"model": "tei-rerank-model", "query": "", "documents": docs},
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "query"
+    wrong = httpx.post(
+        gw.v1 + "/rerank",
+        headers=h,
+        json={"model": "tei-embed-model", "query": "q", "documents": docs},
+    )
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "model"
