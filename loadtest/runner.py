@@ -70,10 +70,11 @@ def gateway_config(
     metered: bool = True,
     metrics: bool = True,
     otlp: str | None = None,
+    sample_ratio: float = 1.0,
 ) -> dict[str, Any]:
     return {
         "metering": {"enabled": metered},
-        **({"tracing": {"otlp_endpoint": otlp, "sample_ratio": 1.0}} if otlp else {}),
+        **({"tracing": {"otlp_endpoint": otlp, "sample_ratio": sample_ratio}} if otlp else {}),
         "listener": {"port": _free_port()},
         "processor": {
             "port": _free_block(workers),
@@ -263,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(TARGETS),
         help=f"comma-separated subset of {','.join(TARGETS)}",
     )
+    ap.add_argument(
+        "--sample-ratio", type=float, default=1.0, help="tracing.sample_ratio of 'traced'"
+    )
     args = ap.parse_args(argv)
     chosen = [t for t in TARGETS if t in args.targets.split(",")]
 
@@ -275,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(TARGETS[name])
         if options.pop("traced", False):
             options["otlp"] = f"127.0.0.1:{sink.start()}"
+            options["sample_ratio"] = args.sample_ratio
         (tmp / name).mkdir()
         cfg_path = tmp / name / "tollgate.yaml"
         cfg_path.write_text(yaml.safe_dump(gateway_config(args.workers, **options)))
