@@ -17,7 +17,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Install the project as a package (not run from the source tree), then drop the sources.
 WORKDIR /src
 COPY . .
+# (xds-protos ships an old copy of opentelemetry/proto: the real package's files go back on top)
 RUN pip install --no-cache-dir . \
+    && pip install --no-cache-dir --force-reinstall --no-deps 'opentelemetry-proto>=1.45' \
     && cd / && rm -rf /src
 
 # Non-root. Its home, /var/lib/tollgate, is the only writable place the gateway needs: with

@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto; put the real package's files back.
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps 'opentelemetry-proto>=1.45'
 	touch $(STAMP)
 
 up: $(STAMP)

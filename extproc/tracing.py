@@ -94,6 +94,18 @@ class Tracing:
         self.target = f"{endpoint.host}:{endpoint.port}" if endpoint else ""
         self.dropped = 0
         self._buffer: list[tuple[TraceParent, int, int, list[Phase], dict[str, Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._channel: grpc.aio.Channel | None = None
+        if not self.enabled:
+            return
+        if not hasattr(common_pb2, "InstrumentationScope"):
+            # xds-protos ships an old copy of opentelemetry/proto; whichever wheel is installed
+            # last wins (the Makefile reinstalls opentelemetry-proto after everything else).
+            raise RuntimeError(
+                "opentelemetry.proto is the outdated copy from xds-protos; run "
+                "`pip install --force-reinstall --no-deps opentelemetry-proto`"
+            )
         self._resource = resource_pb2.Resource(
             attributes=_attrs(
                 {
@@ -104,9 +116,6 @@ class Tracing:
             )
         )
         self._scope = common_pb2.InstrumentationScope(name="tollgate.processor")
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._channel: grpc.aio.Channel | None = None
 
     # ------------------------------------------------------------------ hot path
     @staticmethod
