@@ -682,6 +682,17 @@ def add_common_arguments(
     )
 
 
-def check_common_arguments(args: argparse.Namespace) -> None:
+def common_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields every personality takes from the common flags (checked)."""
     if args.output_tokens < 1:
         raise SystemExit("--output-tokens must be >= 1")
+    return {
+        "ttft_ms": args.ttft_ms,
+        "itl_ms": args.itl_ms,
+        "output_tokens": args.output_tokens,
+        "max_running": args.max_running,
+        "max_queue": args.max_queue,
+        "keep_alive_timeout": args.keep_alive_timeout,
+        "pod_name": args.pod_name,
+        "history": args.history,
+    }

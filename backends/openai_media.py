@@ -75,7 +75,7 @@ from backends.common import (
     SimControl,
     add_common_arguments,
     bearer_ok,
-    check_common_arguments,
+    common_config,
     forced_status,
     json_or_text,
     read_knobs,
@@ -1030,21 +1030,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> OpenAIConfig:
-    check_common_arguments(args)
     return OpenAIConfig(
+        **common_config(args),
         models=list(args.models or DEFAULT_MODELS),
         accept_any_model=args.accept_any_model,
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
         embedding_dim=args.embedding_dim,
-        ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms,
-        output_tokens=args.output_tokens,
-        max_running=args.max_running,
-        max_queue=args.max_queue,
-        keep_alive_timeout=args.keep_alive_timeout,
-        pod_name=args.pod_name,
-        history=args.history,
     )
 
 

@@ -72,7 +72,7 @@ from backends.common import (
     add_common_arguments,
     axum_json,
     bearer_ok,
-    check_common_arguments,
+    common_config,
     deserialize_error,
     forced_status,
     json_or_text,
@@ -743,8 +743,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TeiConfig:
-    check_common_arguments(args)
     return TeiConfig(
+        **common_config(args),
         models=list(args.models or [DEFAULT_MODEL]),
         model_type=args.model_type,
         embedding_dim=args.embedding_dim,
@@ -758,16 +758,8 @@ def config_from_args(args: argparse.Namespace) -> TeiConfig:
         validation_status=args.validation_status,
         payload_limit=args.payload_limit,
         api_key=args.api_key,
-        ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms,
-        output_tokens=args.output_tokens,
-        max_running=args.max_running,
-        max_queue=args.max_queue,
-        keep_alive_timeout=args.keep_alive_timeout,
         version=args.tei_version,
         compute_type=args.compute_type,
-        pod_name=args.pod_name,
-        history=args.history,
     )
 
 

@@ -81,7 +81,7 @@ from backends.common import (
     add_common_arguments,
     axum_json,
     bearer_ok,
-    check_common_arguments,
+    common_config,
     deserialize_error,
     forced_status,
     json_or_text,
@@ -1504,8 +1504,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TgiConfig:
-    check_common_arguments(args)
     return TgiConfig(
+        **common_config(args),
         models=list(args.models or [DEFAULT_MODEL]),
         max_total_tokens=args.max_total_tokens,
         max_input_tokens=args.max_input_tokens,
@@ -1516,18 +1516,10 @@ def config_from_args(args: argparse.Namespace) -> TgiConfig:
         max_client_batch_size=args.max_client_batch_size,
         payload_limit=args.payload_limit,
         api_key=args.api_key,
-        ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms,
-        output_tokens=args.output_tokens,
-        max_running=args.max_running,
-        max_queue=args.max_queue,
-        keep_alive_timeout=args.keep_alive_timeout,
         version=args.tgi_version,
         docker_label=args.docker_label,
         compute_type=args.compute_type,
         sse_space=args.sse_space,
-        pod_name=args.pod_name,
-        history=args.history,
     )
 
 

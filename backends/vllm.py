@@ -40,7 +40,7 @@ from backends.common import (
     Scheduler,
     SimControl,
     add_common_arguments,
-    check_common_arguments,
+    common_config,
     fmt_float,
     json_or_text,
     knob_float,
@@ -1223,21 +1223,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> VllmConfig:
-    check_common_arguments(args)
     return VllmConfig(
+        **common_config(args),
         models=list(args.models or [DEFAULT_MODEL]),
         max_model_len=args.max_model_len,
         embedding_dim=args.embedding_dim,
-        ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms,
-        output_tokens=args.output_tokens,
-        max_running=args.max_running,
-        max_queue=args.max_queue,
-        keep_alive_timeout=args.keep_alive_timeout,
         enable_force_include_usage=args.enable_force_include_usage,
         version=args.vllm_version,
-        pod_name=args.pod_name,
-        history=args.history,
     )
 
 
