@@ -29,6 +29,16 @@ class EventSplitter:
         self._tail = data[cut:]
         return data[:cut]
 
+    def events(self, chunk: bytes, end_of_stream: bool) -> list[bytes]:
+        """The whole events ``chunk`` completes, each without its blank line; at end of stream
+        also an unterminated last event."""
+        events = [e for e in self.feed(chunk).split(_SEP) if e]
+        if end_of_stream:
+            tail = self.flush().strip(b"\n")
+            if tail:
+                events.append(tail)
+        return events
+
     def flush(self) -> bytes:
         """What is left at end of stream (an unterminated last event), emptied."""
         tail, self._tail = self._tail, b""

@@ -85,7 +85,6 @@ _FINISH = {
     "tool_calls": "tool_calls",
     "content_filter": "content_filter",
 }
-_SEP = b"\n\n"
 
 
 class TgiMessages:
@@ -277,21 +276,14 @@ class TgiMessages:
         if self._done:
             return b""
         assert self._splitter is not None
-        data = self._splitter.feed(chunk)
         out: list[bytes] = []
-        if data:
-            for event in data.split(_SEP):
-                if event:
-                    self._event(event, out)
-                    if self._done:
-                        break
+        for event in self._splitter.events(chunk, end_of_stream):
+            self._event(event, out)
+            if self._done:
+                break
         if end_of_stream and not self._done:
-            tail = self._splitter.flush().strip(b"\n")
-            if tail:
-                self._event(tail, out)
-            if not self._done:
-                out.append(DONE)
-                self._done = True
+            out.append(DONE)
+            self._done = True
         return b"".join(out)
 
     def _event(self, event: bytes, out: list[bytes]) -> None:

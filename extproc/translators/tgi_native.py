@@ -59,7 +59,6 @@ FINISH_REASONS: dict[str, str] = {
 }
 
 DONE = b"data: [DONE]\n\n"
-_SEP = b"\n\n"
 
 
 def finish_reason(value: Any) -> str:
@@ -538,24 +537,17 @@ class TgiNative:
         if self._done:
             return b""
         assert self._splitter is not None
-        data = self._splitter.feed(chunk)
         out: list[bytes] = []
-        if data:
-            for event in data.split(_SEP):
-                if event:
-                    self._event(event, out)
-                    if self._done:
-                        break
-        if end_of_stream and not self._done:
-            tail = self._splitter.flush().strip(b"\n")
-            if tail:
-                self._event(tail, out)
-            if not self._done:  # the stream ended without TGI's last event
-                if self._held:
-                    held, self._held = self._held, ""
-                    out.append(self._content(held))
-                out.append(DONE)
-                self._done = True
+        for event in self._splitter.events(chunk, end_of_stream):
+            self._event(event, out)
+            if self._done:
+                break
+        if end_of_stream and not self._done:  # the stream ended without TGI's last event
+            if self._held:
+                held, self._held = self._held, ""
+                out.append(self._content(held))
+            out.append(DONE)
+            self._done = True
         return b"".join(out)
 
     def _event(self, event: bytes, out: list[bytes]) -> None:
