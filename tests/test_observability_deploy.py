@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from extproc.config import GatewayConfig, load_config
+from tests.test_compose import _argv, _binds, _ports, _profiles, _raw_compose
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -81,14 +82,8 @@ TARGET_LABELS = {"job", "instance", "worker", "backend"}
 
 
 @cache
-def _compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
-    return data
-
-
 def _services() -> dict[str, dict[str, Any]]:
-    return {name: s or {} for name, s in _compose()["services"].items()}
+    return {name: s or {} for name, s in _raw_compose()["services"].items()}
 
 
 def _service(name: str) -> dict[str, Any]:
@@ -97,35 +92,11 @@ def _service(name: str) -> dict[str, Any]:
     return services[name]
 
 
-def _profiles(service: dict[str, Any]) -> list[str]:
-    return list(service.get("profiles") or [])
-
-
-def _argv(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return value.split()
-    return [str(v) for v in value]
-
-
 def _env(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(e.split("=", 1) for e in env)
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()}
-
-
-def _binds(service: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(host source, container target) of the service's bind mounts."""
-    for v in service.get("volumes") or []:
-        if isinstance(v, dict):
-            if v.get("type") == "bind":
-                yield v["source"], v["target"]
-            continue
-        source, target = v.split(":")[:2]
-        if source.startswith((".", "/", "~")):
-            yield source, target
 
 
 def _named_volumes(service: dict[str, Any]) -> Iterator[str]:
@@ -146,23 +117,6 @@ def _mounted(service_name: str, container_path: str) -> Path:
         if container_path == target or container_path.startswith(target + "/"):
             return (ROOT / source / container_path[len(target) :].lstrip("/")).resolve()
     pytest.fail(f"docker-compose.yml: {service_name} mounts nothing at {container_path}")
-
-
-def _ports(service: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(host ip, published port, container port) of the service's published ports."""
-    out = []
-    for p in service.get("ports") or []:
-        if isinstance(p, dict):
-            out.append((p.get("host_ip", ""), str(p.get("published", "")), int(p["target"])))
-            continue
-        parts = str(p).split("/")[0].rsplit(":", 2)
-        if len(parts) == 3:
-            out.append((parts[0], parts[1], int(parts[2])))
-        elif len(parts) == 2:
-            out.append(("", parts[0], int(parts[1])))
-        else:
-            out.append(("", "", int(parts[0])))
-    return out
 
 
 def _depends_on(service: dict[str, Any]) -> set[str]:
@@ -354,7 +308,7 @@ def test_profile_services_exist_only_in_the_profile() -> None:
 
 
 def test_every_file_the_profile_mounts_exists() -> None:
-    declared = set(_compose().get("volumes") or {})
+    declared = set(_raw_compose().get("volumes") or {})
     for name in IMAGES:
         s = _service(name)
         for source, target in _binds(s):
