@@ -17,9 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,35 +31,13 @@ import yaml
 from extproc.config import load_config
 from extproc.envoy_config import backend_cluster
 from extproc.keys import create_key
+from extproc.ports import free_port, free_port_block
 from extproc.store import connect_sync
 from extproc.supervisor import Stack, envoy_binary, port_open
 
 HERE = Path(__file__).resolve().parent
 MODEL = "bench-chat"
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _free_block(n: int) -> int:
-    """Free ports below the ephemeral range (32768+): k6's and Envoy's outgoing connections
-    take ports from it and could grab one between our choice and the bind."""
-    for _ in range(200):
-        base = random.randint(20000, 32700 - n)
-        if all(_port_free(p) for p in range(base, base + n)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _free_port() -> int:
-    return _free_block(1)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def gateway_config(
@@ -75,20 +51,20 @@ def gateway_config(
     return {
         "metering": {"enabled": metered},
         **({"tracing": {"otlp_endpoint": otlp, "sample_ratio": sample_ratio}} if otlp else {}),
-        "listener": {"port": _free_port()},
+        "listener": {"port": free_port()},
         "processor": {
-            "port": _free_block(workers),
-            "metrics_port": _free_block(workers),
+            "port": free_port_block(workers),
+            "metrics_port": free_port_block(workers),
             "workers": workers,
             "metrics": metrics,
         },
-        "envoy": {"admin_port": _free_port(), "log_level": "error"},
-        "store": {"data_dir": "data", "port": _free_port()},
+        "envoy": {"admin_port": free_port(), "log_level": "error"},
+        "store": {"data_dir": "data", "port": free_port()},
         "backends": [
             {
                 "name": "sim",
                 "kind": "vllm",
-                "endpoints": [f"127.0.0.1:{_free_port()}"],
+                "endpoints": [f"127.0.0.1:{free_port()}"],
                 "max_concurrent_requests": 4096,
                 "simulate": {
                     "ttft_ms": 0,
@@ -298,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         for st in stacks.values():
             if st.cfg.metering.enabled:
                 asyncio.run(_fund(st.cfg.store_url, "bench"))
-        bare_port, bare_admin = _free_port(), _free_port()
+        bare_port, bare_admin = free_port(), free_port()
         bare_cfg = tmp / "bare-envoy.yaml"
         bare_cfg.write_text(yaml.safe_dump(bare_envoy_bootstrap(stack, bare_port, bare_admin)))
         bare_proc = subprocess.Popen(

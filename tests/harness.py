@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
-import socket
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,26 +11,9 @@ from typing import Any
 import yaml
 
 from extproc.keys import create_key
+from extproc.ports import free_port_block
 from extproc.store import connect_sync
 from extproc.supervisor import Stack
-
-
-def free_port_block(n: int = 1) -> int:
-    """A base port such that base..base+n-1 are all free (best effort). Drawn below Linux's
-    ephemeral range (32768+), so an outgoing connection cannot take it before we bind it."""
-    for _ in range(200):
-        base = random.randint(20000, 32700 - n)
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free ports")
 
 
 def closed_port() -> int:
