@@ -344,6 +344,31 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
     return routes
 
 
+def _ratio_sampler(ratio: float) -> dict[str, Any]:
+    """OpenTelemetry's parent-based trace-id-ratio sampler for Envoy's tracer.
+
+    HCM's ``random_sampling`` cannot do this here: with ``use_request_id_for_trace_sampling``
+    off (client ids need not be UUIDs), Envoy marks every request "sampled" before looking at it.
+    The tracer's own sampler decides instead; a client's sampled ``traceparent`` is honoured."""
+    ext = _T + "envoy.extensions.tracers.opentelemetry.samplers.v3."
+    return {
+        "name": "envoy.tracers.opentelemetry.samplers.parent_based",
+        "typed_config": {
+            "@type": ext + "ParentBasedSamplerConfig",
+            "wrapped_sampler": {
+                "name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based",
+                "typed_config": {
+                    "@type": ext + "TraceIdRatioBasedSamplerConfig",
+                    "sampling_percentage": {
+                        "numerator": round(ratio * 1_000_000),
+                        "denominator": "MILLION",
+                    },
+                },
+            },
+        },
+    }
+
+
 def _local_reply_config() -> dict[str, Any]:
     mappers = []
     for match, status, code, message in ENVOY_LOCAL_REPLIES:
@@ -475,20 +500,16 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
     otlp = cfg.otlp_endpoint
     extra_clusters: list[dict[str, Any]] = []
     if otlp is not None:
+        otel: dict[str, Any] = {
+            "@type": _T + "envoy.config.trace.v3.OpenTelemetryConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+            "service_name": f"{cfg.tracing.service_name}-envoy",
+        }
+        if cfg.tracing.sample_ratio < 1.0:
+            otel["sampler"] = _ratio_sampler(cfg.tracing.sample_ratio)
         hcm["tracing"] = {
-            "random_sampling": {"value": cfg.tracing.sample_ratio * 100},
             "spawn_upstream_span": True,
-            "provider": {
-                "name": "envoy.tracers.opentelemetry",
-                "typed_config": {
-                    "@type": _T + "envoy.config.trace.v3.OpenTelemetryConfig",
-                    "grpc_service": {
-                        "envoy_grpc": {"cluster_name": OTLP_CLUSTER},
-                        "timeout": "1s",
-                    },
-                    "service_name": f"{cfg.tracing.service_name}-envoy",
-                },
-            },
+            "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": otel},
         }
         collector = _cluster(OTLP_CLUSTER, [(otlp.host, otlp.port)], 1.0)
         collector["typed_extension_protocol_options"] = _HTTP2

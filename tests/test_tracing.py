@@ -64,8 +64,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             return list(self.spans)
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Receiver]]:
+def _traced_gateway(tmp: Path, sample_ratio: float) -> Iterator[tuple[Gateway, Receiver]]:
     receiver = Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
@@ -73,13 +72,27 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, 
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     cfg = base_config()
-    cfg["tracing"] = {"otlp_endpoint": f"127.0.0.1:{port}", "service_name": "tollgate"}
-    gw = start_gateway(Path(tmp_path_factory.mktemp("traced")), cfg)
+    cfg["tracing"] = {
+        "otlp_endpoint": f"127.0.0.1:{port}",
+        "service_name": "tollgate",
+        "sample_ratio": sample_ratio,
+    }
+    gw = start_gateway(tmp, cfg)
     try:
         yield gw, receiver
     finally:
         gw.stack.stop()
         server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Receiver]]:
+    yield from _traced_gateway(Path(tmp_path_factory.mktemp("traced")), 1.0)
+
+
+@pytest.fixture(scope="module")
+def half_traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Receiver]]:
+    yield from _traced_gateway(Path(tmp_path_factory.mktemp("half")), 0.5)
 
 
 def _wait_for(receiver: Receiver, rids: list[str], timeout: float = 20.0) -> list[dict[str, Any]]:
@@ -156,3 +169,47 @@ def test_unauthenticated_request_is_traced_with_auth_only(
     assert names == {"tollgate.process", "tollgate.auth"}
     (process,) = [s for s in spans if s["name"] == "tollgate.process"]
     assert process["attrs"]["http.response.status_code"] == 401
+
+
+def test_sample_ratio_traces_a_share_and_honours_the_clients_decision(
+    half_traced: tuple[Gateway, Receiver],
+) -> None:
+    """``sample_ratio: 0.5``: about half of the plain requests are traced (both services, or
+    neither); a client's traceparent decides for its request, sampled or not."""
+    gw, receiver = half_traced
+    client = openai.OpenAI(base_url=gw.v1, api_key=gw.key, max_retries=0, timeout=20)
+    plain = [f"half-{i}-{uuid.uuid4().hex[:8]}" for i in range(40)]
+    for rid in plain:
+        client.chat.completions.create(
+            model="sim-chat", messages=HELLO, extra_headers={"X-Request-ID": rid}
+        )
+    chosen = [(uuid.uuid4().hex, f"chosen-{i}-{uuid.uuid4().hex[:8]}") for i in range(3)]
+    refused = f"refused-{uuid.uuid4().hex[:8]}"
+    for trace_id, rid in chosen:
+        client.chat.completions.create(
+            model="sim-chat",
+            messages=HELLO,
+            extra_headers={"X-Request-ID": rid, "traceparent": f"00-{trace_id}-{'1' * 16}-01"},
+        )
+    client.chat.completions.create(
+        model="sim-chat",
+        messages=HELLO,
+        extra_headers={
+            "X-Request-ID": refused,
+            "traceparent": f"00-{uuid.uuid4().hex}-{'2' * 16}-00",
+        },
+    )
+    spans = _wait_for(receiver, [rid for _, rid in chosen])
+    time.sleep(2.5)  # both exporters flush every second: let the sampled plain ones arrive
+    spans = receiver.snapshot()
+    envoy = {s["attrs"].get("guid:x-request-id") for s in spans}
+    proc = {s["attrs"].get("tollgate.request_id") for s in spans}
+    traced_plain = [rid for rid in plain if rid in envoy]
+    # Binomial(40, 0.5): outside 6..34 has a probability below 1e-5.
+    assert 6 <= len(traced_plain) <= 34, len(traced_plain)
+    assert {rid for rid in plain if rid in proc} == set(traced_plain)  # whole traces or none
+    for trace_id, rid in chosen:
+        mine = [s for s in spans if s["trace_id"] == trace_id]
+        assert {s["service"] for s in mine} == {"tollgate-envoy", "tollgate-processor"}, rid
+        assert rid in {s["attrs"].get("tollgate.request_id") for s in mine}
+    assert refused not in envoy and refused not in proc
