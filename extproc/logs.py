@@ -12,10 +12,18 @@ import sys
 
 import structlog
 
+LEVEL = logging.INFO  # the configured level: hot paths test it instead of calling a no-op logger
+
+
+def debug_enabled() -> bool:
+    return LEVEL <= logging.DEBUG
+
 
 def configure(component: str, level: str | None = None) -> None:
     name = (level or os.environ.get("TOLLGATE_LOG_LEVEL", "info")).upper()
     numeric = logging.getLevelNamesMapping().get(name, logging.INFO)
+    global LEVEL
+    LEVEL = numeric
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -33,6 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from google.protobuf.struct_pb2 import Struct
 
+from . import logs
 from . import messages as m
 from .account_api import ACCOUNT_PATHS, AccountApi
 from .auth import KeyAuthenticator, Principal
@@ -81,6 +82,7 @@ class RequestState:
         "request_id",
         "reservation",
         "settled",
+        "span_id",
         "started",
         "started_ms",
         "status",
@@ -110,6 +112,7 @@ class RequestState:
         self.id_note = ""  # why the client's X-Request-ID was replaced ("" if kept)
         self.trace: TraceParent | None = None  # Envoy's sampled span (tracing on), else None
         self.phases: list[Phase] | None = None  # (span, start_ns, end_ns) while traced
+        self.span_id = b""  # the tollgate.process span's id while traced
         self.t0_ns = 0
         self.usage: dict[str, float] | None = None
         self.path = ""  # the client's path, without the query
@@ -144,6 +147,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.max_body = cfg.listener.max_request_body_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
+        self.debug = logs.debug_enabled()  # one line per phase at debug level
 
     # ------------------------------------------------------------------ gRPC entry
     async def Process(self, request_iterator: Any, context: Any) -> None:
@@ -155,6 +159,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             st.trace = Tracing.parent_of(context.invocation_metadata())
             if st.trace is not None:
                 st.phases = []
+                st.span_id = Tracing.new_span_id()
                 st.t0_ns = time_ns()
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
@@ -182,7 +187,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     log.exception("processor_error", request_id=st.request_id, phase=phase)
                     st.status = _INTERNAL.status
                     resp = m.error_response(_INTERNAL, st.request_id, st.id_headers())
-                self.metrics.phase.observe(perf_counter() - t0, phase)
+                elapsed = perf_counter() - t0
+                self.metrics.phase.observe(elapsed, phase)
+                if self.debug:
+                    self._log_phase(st, phase, elapsed, resp)
                 await write(resp)
         finally:
             self.inflight -= 1
@@ -213,9 +221,26 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     "http.response.status_code": st.status or None,
                     "tollgate.stream": st.stream,
                 },
+                span_id=st.span_id,
             )
         except Exception:  # tracing must never fail a request
             log.exception("trace_failed", request_id=st.request_id)
+
+    def _log_phase(
+        self, st: RequestState, phase: str | None, elapsed: float, resp: ProcessingResponse
+    ) -> None:
+        """Debug level: what each ext_proc message did (never a header value or body text)."""
+        log.debug(
+            "phase",
+            request_id=st.request_id,
+            phase=phase,
+            answer=resp.WhichOneof("response"),
+            status=st.status or None,
+            model=st.model.id if st.model else None,
+            backend=st.backend.name if st.backend else None,
+            reserved=st.reservation.amount if st.reservation else None,
+            us=round(elapsed * 1e6, 1),
+        )
 
     def _log(self, st: RequestState) -> None:
         """One line per request (never a key, token or prompt: the key's display prefix only),
@@ -413,6 +438,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         }
                     }
                 )
+                if st.trace is not None:  # the settling worker's span joins this trace
+                    fields = metadata.fields[METADATA_NS].struct_value.fields
+                    fields["trace_id"].string_value = st.trace[0].hex()
+                    fields["span_id"].string_value = st.span_id.hex()
                 st.settled = True  # from here on, Envoy's stream meter / access log settle it
         # The translator sees the body as the backend should get it in OpenAI terms (max_tokens
         # and stream_options set above) and rewrites it into the backend's schema.

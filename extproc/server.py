@@ -56,7 +56,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
         ]
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(SettleLog(meter, metrics), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(SettleLog(meter, metrics, tracing), server)
     port = cfg.processor.port + index
     server.add_insecure_port(f"{cfg.processor.bind_host}:{port}")
     await server.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from time import time_ns
 from typing import Any
 
 import structlog
@@ -22,6 +23,7 @@ from .envoy_config import METADATA_NS, TIMING_NS, USAGE_NS
 from .ledger import Ledger
 from .metering import Meter
 from .metrics import Metrics
+from .tracing import Tracing
 
 log = structlog.get_logger("tollgate.settle")
 
@@ -37,9 +39,10 @@ def _fields(struct: Any) -> dict[str, Any]:
 class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
     """Settles finished metered streams from Envoy's gRPC access log."""
 
-    def __init__(self, meter: Meter, metrics: Metrics) -> None:
+    def __init__(self, meter: Meter, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.meter = meter
         self.metrics = metrics
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
 
     async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsResponse
@@ -62,12 +65,15 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                     reason = "backend_cut_off"
                 else:
                     reason = "settled"
+                t0 = time_ns()
                 try:
                     settled = await self.meter.settle(rid, usage, status, 0, reason)
                 except Exception:  # the sweeper charges the reservation later
                     log.exception("log_settle_failed", request_id=rid)
                     continue
                 model = str(md.get("model") or "-")
+                if self.tracing is not None and md.get("trace_id"):
+                    self._trace(md, t0, usage, status, reason, settled.charged)
                 if TIMING_NS in fm and status == 200:
                     self._observe_timing(entry.common_properties, fm[TIMING_NS], usage, model)
                 if settled.status == "ok":
@@ -80,6 +86,39 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                             if isinstance(usage.get(field), int | float):
                                 self.metrics.tokens.inc(model, kind, amount=usage[field])
         return StreamAccessLogsResponse()
+
+    def _trace(
+        self,
+        md: dict[str, Any],
+        t0: int,
+        usage: dict[str, Any] | None,
+        status: int,
+        reason: str,
+        charged: int,
+    ) -> None:
+        """The stream's ``tollgate.settle`` span, a child of the processor's span for it."""
+        assert self.tracing is not None
+        try:
+            parent = (bytes.fromhex(md["trace_id"]), bytes.fromhex(md["span_id"]))
+        except (KeyError, TypeError, ValueError):
+            return
+        usage = usage or {}
+        self.tracing.record(
+            parent,
+            t0,
+            time_ns(),
+            [],
+            {
+                "tollgate.request_id": md.get("request_id"),
+                "gen_ai.request.model": md.get("model"),
+                "gen_ai.usage.input_tokens": _int(usage.get("prompt_tokens")),
+                "gen_ai.usage.output_tokens": _int(usage.get("completion_tokens")),
+                "http.response.status_code": status or None,
+                "tollgate.settle.reason": reason,
+                "tollgate.credits.charged_micro": charged,
+            },
+            name="tollgate.settle",
+        )
 
     def _observe_timing(
         self, props: Any, timing: Any, usage: dict[str, Any] | None, model: str
@@ -99,6 +138,10 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
             span = last.seconds + last.nanos / 1e9 - ttft
             if span >= 0:
                 self.metrics.tpot.observe(span / (tokens - 1), model)
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) else None
 
 
 async def sweep_forever(ledger: Ledger, interval_s: float, metrics: Metrics) -> None:

@@ -13,14 +13,18 @@ tollgate.translate  the translator's rewrite of the request body and its seriali
 tollgate.settle     settlement of a non-streaming request (queued to the store in a batch)
 ==================  ===========================================================================
 
+A stream is settled later, by the worker that receives Envoy's access-log record for it
+(``settle_service``). The processor puts the trace id and its ``tollgate.process`` span id in the
+stream's dynamic metadata, and that worker records a ``tollgate.settle`` span under it, carrying
+the tokens in and out, the credits charged and why the stream ended.
+
 Why not the OpenTelemetry SDK: measured on the loadtest runner, its span objects, processor
 queue and OTLP exporter cost ~70 µs of worker CPU per span (five spans a request: +35% CPU).
 Here a phase only notes ``(name, start_ns, end_ns)`` while the request runs; at the end one tuple
 per request joins a buffer, and a background task encodes the buffer straight into OTLP protobuf
 (upb) and exports it over gRPC every second (or sooner at 2,048 requests). When the collector is
 down, at most 50,000 requests' spans wait; older ones are dropped and counted. Unsampled or
-untraced requests cost one metadata lookup. Streams are settled later from Envoy's access log,
-outside any span.
+untraced requests cost one metadata lookup.
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ class Tracing:
         self.enabled = endpoint is not None
         self.target = f"{endpoint.host}:{endpoint.port}" if endpoint else ""
         self.dropped = 0
-        self._buffer: list[tuple[TraceParent, int, int, list[Phase], dict[str, Any]]] = []
+        self._buffer: list[
+            tuple[TraceParent, bytes, str, int, int, list[Phase], dict[str, Any]]
+        ] = []
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -126,6 +132,10 @@ class Tracing:
                 return parse_traceparent(value)
         return None
 
+    @staticmethod
+    def new_span_id() -> bytes:
+        return getrandbits(64).to_bytes(8, "big")
+
     def record(
         self,
         parent: TraceParent,
@@ -133,13 +143,19 @@ class Tracing:
         end_ns: int,
         phases: list[Phase],
         attributes: dict[str, Any],
+        span_id: bytes | None = None,
+        name: str = "tollgate.process",
     ) -> None:
-        """Queue the request's span tree under ``parent`` (encoded at the next flush)."""
+        """Queue a span under ``parent`` (encoded at the next flush): the request's
+        ``tollgate.process`` span with one child per phase, or (``name``, no phases) a span of
+        its own, such as a stream's settlement."""
         buf = self._buffer
         if len(buf) >= MAX_BUFFERED:
             self.dropped += 1
             return
-        buf.append((parent, start_ns, end_ns, phases, attributes))
+        buf.append(
+            (parent, span_id or self.new_span_id(), name, start_ns, end_ns, phases, attributes)
+        )
         if len(buf) == FLUSH_AT and self._wake is not None:
             self._wake.set()
 
@@ -158,15 +174,14 @@ class Tracing:
         if not batch:
             return None
         spans: list[trace_pb2.Span] = []
-        for (trace_id, parent_id), t0, t1, phases, attributes in batch:
-            root_id = getrandbits(64).to_bytes(8, "big")
+        for (trace_id, parent_id), root_id, root_name, t0, t1, phases, attributes in batch:
             spans.append(
                 trace_pb2.Span(
                     trace_id=trace_id,
                     span_id=root_id,
                     parent_span_id=parent_id,
-                    name="tollgate.process",
-                    kind=_SERVER,
+                    name=root_name,
+                    kind=_SERVER if root_name == "tollgate.process" else _INTERNAL,
                     start_time_unix_nano=t0,
                     end_time_unix_nano=t1,
                     attributes=_attrs(attributes),
@@ -177,7 +192,7 @@ class Tracing:
                 spans.append(
                     trace_pb2.Span(
                         trace_id=trace_id,
-                        span_id=getrandbits(64).to_bytes(8, "big"),
+                        span_id=self.new_span_id(),
                         parent_span_id=root_id,
                         name=name,
                         kind=_INTERNAL,

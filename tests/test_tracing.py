@@ -122,6 +122,14 @@ def test_one_trace_per_request_with_envoy_and_processor_spans_linked(
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     spans = _wait_for(receiver, rids)
+    deadline = time.monotonic() + 10  # the stream's settlement comes from Envoy's access log
+    while not any(
+        s["name"] == "tollgate.settle" and s["attrs"].get("tollgate.request_id") == rids[3]
+        for s in spans
+    ):
+        assert time.monotonic() < deadline, "no settlement span for the stream"
+        time.sleep(0.2)
+        spans = receiver.snapshot()
 
     by_trace: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in spans:
@@ -144,12 +152,17 @@ def test_one_trace_per_request_with_envoy_and_processor_spans_linked(
         # The processor's root span is a child of one of Envoy's spans in the same trace.
         assert ids[process["parent"]]["service"] == "tollgate-envoy"
         children = {s["name"] for s in trace if s["parent"] == process["span_id"]}
-        expected = {"tollgate.auth", "tollgate.reserve", "tollgate.translate"}
+        expected = {"tollgate.auth", "tollgate.reserve", "tollgate.translate", "tollgate.settle"}
+        assert children == expected, children
         if rid != rids[3]:  # non-streaming: settled by the processor, tokens known
-            expected.add("tollgate.settle")
             assert process["attrs"]["gen_ai.usage.input_tokens"] > 0
             assert process["attrs"]["gen_ai.usage.output_tokens"] == 12
-        assert children == expected, children
+        else:  # a stream: settled from Envoy's access log, in a span of its own
+            (settle,) = [s for s in trace if s["name"] == "tollgate.settle"]
+            assert settle["attrs"]["gen_ai.usage.output_tokens"] == 12
+            assert settle["attrs"]["gen_ai.usage.input_tokens"] > 0
+            assert settle["attrs"]["tollgate.settle.reason"] == "settled"
+            assert settle["attrs"]["tollgate.credits.charged_micro"] > 0
         for s in trace:
             if s["service"] == "tollgate-processor":
                 assert s["attrs"]["tollgate.request_id"] == rid
