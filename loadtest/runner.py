@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,22 @@ from extproc.store import connect_sync
 from extproc.supervisor import Stack, envoy_binary, port_open
 
 HERE = Path(__file__).resolve().parent
-MODEL = "bench-chat"
+MODEL = "bench-chat"  # served by the vLLM simulator: the processor sees no stream chunk
+OUTPUT_TOKENS = 16
+# The per-chunk comparison: vLLM and TGI simulators pacing their tokens (PACED_ITL_MS apart), so
+# each token reaches Envoy as a chunk of its own, as from a real model server (unpaced, the
+# simulator's events coalesce into one or two chunks and hide the per-chunk cost).
+PACED_MODEL = "bench-chat-paced"
+TGI_MODEL = "bench-tgi"  # TGI native: every /generate_stream chunk is translated by the processor
+PACED_ITL_MS = 5
+
+# scenario -> (k6 script, model). Bare Envoy runs only the bench-chat ones.
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "chat.js": ("chat.js", MODEL),
+    "stream.js": ("stream.js", MODEL),
+    "paced-stream": ("stream.js", PACED_MODEL),
+    "tgi-stream": ("stream.js", TGI_MODEL),
+}
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -48,6 +64,15 @@ def gateway_config(
     otlp: str | None = None,
     sample_ratio: float = 1.0,
 ) -> dict[str, Any]:
+    simulate = {
+        "ttft_ms": 0,
+        "itl_ms": int(itl_ms),
+        "output_tokens": OUTPUT_TOKENS,
+        "max_running": 4096,
+        "max_queue": 4096,
+    }
+    paced = {**simulate, "itl_ms": PACED_ITL_MS}
+    price = {"input_per_1m": 1, "output_per_1m": 2}
     return {
         "metering": {"enabled": metered},
         **({"tracing": {"otlp_endpoint": otlp, "sample_ratio": sample_ratio}} if otlp else {}),
@@ -62,21 +87,22 @@ def gateway_config(
         "store": {"data_dir": "data", "port": free_port()},
         "backends": [
             {
-                "name": "sim",
-                "kind": "vllm",
+                "name": name,
+                "kind": kind,
                 "endpoints": [f"127.0.0.1:{free_port()}"],
                 "max_concurrent_requests": 4096,
-                "simulate": {
-                    "ttft_ms": 0,
-                    "itl_ms": int(itl_ms),
-                    "output_tokens": 16,
-                    "max_running": 4096,
-                    "max_queue": 4096,
-                },
+                "simulate": sim,
             }
+            for name, kind, sim in (
+                ("sim", "vllm", simulate),
+                ("paced-sim", "vllm", paced),
+                ("tgi-sim", "tgi", paced),
+            )
         ],
         "models": [
-            {"id": MODEL, "backend": "sim", "pricing": {"input_per_1m": 1, "output_per_1m": 2}}
+            {"id": MODEL, "backend": "sim", "pricing": price},
+            {"id": PACED_MODEL, "backend": "paced-sim", "pricing": price},
+            {"id": TGI_MODEL, "backend": "tgi-sim", "pricing": price},
         ],
     }
 
@@ -175,6 +201,7 @@ class Result:
     ttfb_p50_ms: float
     processor_us_per_req: float | None = None
     envoy_us_per_req: float | None = None
+    ext_proc_msgs_per_req: float | None = None  # from the gateway Envoy's ext_proc stats
 
 
 def k6_binary() -> str:
@@ -184,12 +211,30 @@ def k6_binary() -> str:
     return found
 
 
-def run_k6(script: str, base_url: str, key: str, vus: int, duration: float, out: Path) -> dict:
+def ext_proc_messages(stack: Stack) -> int:
+    """ext_proc messages Envoy has sent to the processor so far (its own counter)."""
+    url = f"http://127.0.0.1:{stack.cfg.envoy.admin_port}/stats?filter=ext_proc&format=json"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        stats = json.loads(resp.read())["stats"]
+    return sum(
+        int(s.get("value", 0)) for s in stats if s.get("name", "").endswith(".stream_msgs_sent")
+    )
+
+
+def run_k6(
+    script: str,
+    base_url: str,
+    key: str,
+    vus: int,
+    duration: float,
+    out: Path,
+    model: str = MODEL,
+) -> dict:
     env = {
         **os.environ,
         "BASE_URL": base_url,
         "API_KEY": key,
-        "MODEL": MODEL,
+        "MODEL": model,
         "VUS": str(vus),
         "DURATION": f"{duration}s",
         "K6_NO_USAGE_REPORT": "true",
@@ -233,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
     ap.add_argument("--workers", type=int, default=1, help="processor workers")
     ap.add_argument("--vus", default="1,64", help="comma-separated VU counts")
-    ap.add_argument("--scripts", default="chat.js,stream.js")
+    ap.add_argument(
+        "--scripts",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios: {','.join(SCENARIOS)}",
+    )
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument(
         "--targets",
@@ -294,23 +343,28 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 st = stacks[name]
                 targets[name] = (f"http://127.0.0.1:{st.cfg.listener.port}/v1", st)
-        for script in args.scripts.split(","):
+        for scenario in args.scripts.split(","):
+            script, model = SCENARIOS[scenario]
             for vus in [int(v) for v in args.vus.split(",")]:
                 for target, (url, st) in targets.items():
+                    if st is None and model != MODEL:  # bare Envoy cannot translate TGI
+                        continue
                     key = keys.get(target, keys["gateway"])
                     workers = (
                         [c.pid for c in st.children if c.name.startswith("worker-")] if st else []
                     )
                     envoy_pid = [st.child("envoy").pid] if st else []
                     # warm-up: connections, caches
-                    run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json")
+                    run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json", model)
                     cpu0 = cpu_seconds(workers), cpu_seconds(envoy_pid)
-                    summary = run_k6(script, url, key, vus, args.duration, tmp / "k6.json")
+                    msgs0 = ext_proc_messages(st) if st else 0
+                    summary = run_k6(script, url, key, vus, args.duration, tmp / "k6.json", model)
                     cpu1 = cpu_seconds(workers), cpu_seconds(envoy_pid)
-                    r = summarize(target, script, vus, summary)
+                    r = summarize(target, scenario, vus, summary)
                     if st is not None and r.requests:
                         r.processor_us_per_req = (cpu1[0] - cpu0[0]) / r.requests * 1e6
                         r.envoy_us_per_req = (cpu1[1] - cpu0[1]) / r.requests * 1e6
+                        r.ext_proc_msgs_per_req = (ext_proc_messages(st) - msgs0) / r.requests
                     results.append(r)
                     print(_row(r), flush=True)
     finally:
@@ -387,6 +441,7 @@ def _row(r: Result) -> str:
     cpu = (
         f" | processor {r.processor_us_per_req:6.0f} µs/req"
         f" | envoy {r.envoy_us_per_req:5.0f} µs/req"
+        f" | {r.ext_proc_msgs_per_req or 0:4.1f} ext_proc msgs/req"
         if r.processor_us_per_req is not None
         else ""
     )
@@ -457,4 +512,33 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             )
     if len(obs) > 6:
         lines += obs
+    tgi = [
+        "",
+        f"Per streamed chunk: the same stream ({OUTPUT_TOKENS} output tokens,"
+        f" {PACED_ITL_MS} ms apart) from the vLLM simulator (passed through, no message per"
+        " chunk) and from TGI's /generate_stream (every body chunk sent to the processor and"
+        " translated):",
+        "",
+        "| target | VUs | vLLM req/s | TGI req/s | ext_proc msgs/req (vLLM, TGI) "
+        "| processor µs/req (vLLM, TGI) | processor µs per TGI chunk message "
+        "| processor µs per token |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for target in TARGETS:
+        for vus in [int(v) for v in args.vus.split(",")]:
+            v = by.get(("paced-stream", vus, target))
+            t = by.get(("tgi-stream", vus, target))
+            if not (v and t and v.processor_us_per_req and t.processor_us_per_req):
+                continue
+            extra_cpu = t.processor_us_per_req - v.processor_us_per_req
+            extra_msgs = (t.ext_proc_msgs_per_req or 0) - (v.ext_proc_msgs_per_req or 0)
+            per_msg = f"{extra_cpu / extra_msgs:.0f}" if extra_msgs > 0 else "—"
+            tgi.append(
+                f"| {target} | {vus} | {v.rps:,.0f} | {t.rps:,.0f} "
+                f"| {v.ext_proc_msgs_per_req:.1f}, {t.ext_proc_msgs_per_req:.1f} "
+                f"| {v.processor_us_per_req:.0f}, {t.processor_us_per_req:.0f} "
+                f"| {per_msg} | {extra_cpu / OUTPUT_TOKENS:.0f} |"
+            )
+    if len(tgi) > 5:
+        lines += tgi
     return "\n".join(lines)

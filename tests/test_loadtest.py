@@ -24,3 +24,12 @@ def test_runner_compares_bare_envoy_and_gateway(tmp_path: Path) -> None:
         assert r["requests"] > 0 and r["failed"] == 0
         if r["target"] != "bare-envoy":
             assert r["processor_us_per_req"] > 0
+    # TGI streams run through the gateways only, and cost a message per chunk there.
+    msgs = {
+        (r["script"], r["target"]): r["ext_proc_msgs_per_req"]
+        for r in data["results"]
+        if r["vus"] == 8 and r["target"] != "bare-envoy"
+    }
+    assert ("tgi-stream", "bare-envoy") not in {(r["script"], r["target"]) for r in data["results"]}
+    assert msgs[("paced-stream", "gateway")] == pytest.approx(3, abs=0.2)
+    assert msgs[("tgi-stream", "gateway")] > 10
