@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 import orjson
 
+from backends import textgen
 from backends.http import App, Request, Response
 
 __all__ = [
@@ -696,3 +697,55 @@ def common_config(args: argparse.Namespace) -> dict[str, Any]:
         "pod_name": args.pod_name,
         "history": args.history,
     }
+
+
+# --- tool calls (function calling), shared by the vLLM and TGI Messages personalities ---------
+
+
+def pick_tool(tools: Any, tool_choice: Any) -> dict[str, Any] | None:
+    """The function a tool call should use: the named one (``tool_choice`` as a name or
+    ``{"type": "function", "function": {"name": ...}}``), else the first for ``auto`` and
+    ``required``; None without tools or for ``none``. LookupError(name) for an unknown name.
+    ``tools`` must already be a list of ``{"function": {...}}`` objects."""
+    if not tools or tool_choice == "none":
+        return None
+    name: str | None = None
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+    elif isinstance(tool_choice, str) and tool_choice not in ("auto", "required"):
+        name = tool_choice
+    functions = [t["function"] for t in tools]
+    if name is None:
+        return functions[0]
+    for fn in functions:
+        if fn.get("name") == name:
+            return fn
+    raise LookupError(name)
+
+
+def tool_arguments(tool: dict[str, Any], prompt: str) -> str:
+    """Deterministic arguments that satisfy the function's JSON-schema ``parameters``."""
+    schema = tool.get("parameters") or tool.get("arguments") or {}
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    props = props if isinstance(props, dict) else {}
+    words = textgen.generate_tokens("tool:" + prompt, max(1, len(props)))
+    args: dict[str, Any] = {}
+    for i, (name, spec) in enumerate(props.items()):
+        spec = spec if isinstance(spec, dict) else {}
+        kind = spec.get("type")
+        if isinstance(spec.get("enum"), list) and spec["enum"]:
+            args[name] = spec["enum"][0]
+        elif kind == "integer":
+            args[name] = i + 1
+        elif kind == "number":
+            args[name] = i + 1.5
+        elif kind == "boolean":
+            args[name] = True
+        elif kind == "array":
+            args[name] = []
+        elif kind == "object":
+            args[name] = {}
+        else:
+            args[name] = words[i].strip()
+    return orjson.dumps(args).decode()

@@ -86,12 +86,14 @@ from backends.common import (
     forced_status,
     json_or_text,
     payload_too_large,
+    pick_tool,
     plain_text,
     read_knobs,
     serde_check,
     serde_custom,
     serde_missing,
     serde_unexpected,
+    tool_arguments,
 )
 from backends.http import App, Header, Request, Response, StreamResponse
 
@@ -909,28 +911,15 @@ class TgiSimulator(SimControl):
     @staticmethod
     def _pick_tool(raw: bytes, body: dict[str, Any]) -> dict[str, Any] | None:
         tools = body.get("tools")
-        if not tools:
-            return None
-        if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools
+        if tools and (
+            not isinstance(tools, list)
+            or not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools)
         ):
             raise serde_custom(raw, ("tools",), tools, "invalid type: expected a sequence of tools")
-        choice = body.get("tool_choice", "auto")
-        if choice == "none":
-            return None
-        name: str | None = None
-        if isinstance(choice, dict):
-            fn = choice.get("function")
-            name = fn.get("name") if isinstance(fn, dict) else None
-        elif isinstance(choice, str) and choice not in ("auto", "required"):
-            name = choice
-        functions = [t["function"] for t in tools]
-        if name is None:
-            return functions[0]
-        for fn in functions:
-            if fn.get("name") == name:
-                return fn
-        raise tool_error(f"Tool choice '{name}' not found in tools")
+        try:
+            return pick_tool(tools, body.get("tool_choice", "auto"))
+        except LookupError as exc:
+            raise tool_error(f"Tool choice '{exc.args[0]}' not found in tools") from None
 
     async def chat_completions(self, req: Request) -> Response | StreamResponse:
         body = self._begin(req, CHAT_SCHEMA)
@@ -980,7 +969,7 @@ class TgiSimulator(SimControl):
                         "function": {
                             "description": None,
                             "name": tool.get("name"),
-                            "arguments": _tool_arguments(tool, text),
+                            "arguments": tool_arguments(tool, text),
                         },
                     }
                 ],
@@ -1413,36 +1402,9 @@ def _chat_logprobs(job: Job, start: int, stop: int) -> dict[str, Any]:
     return {"content": content}
 
 
-def _tool_arguments(tool: dict[str, Any], prompt: str) -> str:
-    """Deterministic arguments that satisfy the function's JSON-schema ``parameters``."""
-    schema = tool.get("parameters") or tool.get("arguments") or {}
-    props = schema.get("properties") if isinstance(schema, dict) else None
-    props = props if isinstance(props, dict) else {}
-    words = textgen.generate_tokens("tool:" + prompt, max(1, len(props)))
-    args: dict[str, Any] = {}
-    for i, (name, spec) in enumerate(props.items()):
-        spec = spec if isinstance(spec, dict) else {}
-        kind = spec.get("type")
-        if isinstance(spec.get("enum"), list) and spec["enum"]:
-            args[name] = spec["enum"][0]
-        elif kind == "integer":
-            args[name] = i + 1
-        elif kind == "number":
-            args[name] = i + 1.5
-        elif kind == "boolean":
-            args[name] = True
-        elif kind == "array":
-            args[name] = []
-        elif kind == "object":
-            args[name] = {}
-        else:
-            args[name] = words[i].strip()
-    return orjson.dumps(args).decode()
-
-
 def _tool_job(job: Job, tool: dict[str, Any]) -> Job:
     """The job re-planned as a tool call: the arguments JSON in small pieces, then EOS."""
-    args = _tool_arguments(tool, job.inputs)
+    args = tool_arguments(tool, job.inputs)
     pieces = [args[i : i + 5] for i in range(0, len(args), 5)]
     tokens = [
         Tok(_WORD_IDS.get(" the", 999), p, _logprob(7, i), False) for i, p in enumerate(pieces)

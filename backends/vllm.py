@@ -46,6 +46,8 @@ from backends.common import (
     knob_float,
     knob_int,
     label_value,
+    pick_tool,
+    tool_arguments,
 )
 from backends.http import App, Header, Request, Response, StreamResponse, not_found
 
@@ -339,6 +341,7 @@ class _Plan:
         "include_usage",
         "itl",
         "rid",
+        "tool",
         "ttft",
     )
 
@@ -354,6 +357,7 @@ class _Plan:
         self.rid = rid
         self.headers = headers
         self.gens = gens
+        self.tool: str | None = None  # a tool call's function name (its arguments: the tokens)
         self.ttft = ttft
         self.itl = itl
         self.error_after = error_after
@@ -707,6 +711,9 @@ class VllmSimulator(SimControl):
         if body.get("add_generation_prompt") is False:
             role = str(body["messages"][-1].get("role", "assistant"))
         plan = _Plan("chatcmpl-" + rid, headers, gens, ttft, itl, error_after)
+        bad_tools = self._plan_tool_call(plan, body, prompt_text, limit[0])
+        if bad_tools is not None:
+            return bad_tools
         if not stream:
             return await self._generate_full(plan, lambda: self._chat_body(plan, role))
         plan.include_usage, plan.continuous_usage = include_usage, continuous
@@ -719,9 +726,63 @@ class VllmSimulator(SimControl):
             on_close=self.scheduler.release,
         )
 
+    @staticmethod
+    def _plan_tool_call(
+        plan: _Plan, body: dict[str, Any], prompt: str, limit: int | None
+    ) -> Response | None:
+        """With ``tools`` (and ``tool_choice`` not ``none``) the answer is a call of the named
+        tool, or of the first for ``auto``/``required`` (as a server started with
+        ``--enable-auto-tool-choice`` and a tool parser): arguments that satisfy the function's
+        schema, generated 5 characters per token."""
+        tools = body.get("tools")
+        if tools is None:
+            return None
+        if not isinstance(tools, list) or not all(
+            isinstance(t, dict)
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)
+            for t in tools
+        ):
+            return validation_error(
+                [_field_error("list_type", ("tools",), "Input should be a valid list of tools")],
+                plan.headers,
+            )
+        try:
+            tool = pick_tool(tools, body.get("tool_choice", "auto"))
+        except LookupError as exc:
+            return error_response(
+                400,
+                f"Tool '{exc.args[0]}' has not been passed in `tools`.",
+                "BadRequestError",
+                "tool_choice",
+                plan.headers,
+            )
+        if tool is None:
+            return None
+        args = tool_arguments(tool, prompt)
+        pieces = tuple(args[i : i + 5] for i in range(0, len(args), 5))
+        gen = plan.gens[0]
+        if limit is not None and limit < len(pieces):
+            gen.tokens, gen.finish_reason = pieces[:limit], "length"
+        else:
+            gen.tokens, gen.finish_reason = pieces, "tool_calls"
+        plan.tool = tool["name"]
+        return None
+
     def _chat_body(self, plan: _Plan, role: str) -> bytes:
         gen = plan.gens[0]
         n = len(gen.tokens)
+        content: str | None = "".join(gen.tokens)
+        tool_calls: list[dict[str, Any]] = []
+        if plan.tool is not None:
+            tool_calls = [
+                {
+                    "id": "chatcmpl-tool-" + plan.rid[-16:],
+                    "type": "function",
+                    "function": {"name": plan.tool, "arguments": content},
+                }
+            ]
+            content = None
         return orjson.dumps(
             {
                 "id": plan.rid,
@@ -733,12 +794,12 @@ class VllmSimulator(SimControl):
                         "index": 0,
                         "message": {
                             "role": role,
-                            "content": "".join(gen.tokens),
+                            "content": content,
                             "refusal": None,
                             "annotations": None,
                             "audio": None,
                             "function_call": None,
-                            "tool_calls": [],
+                            "tool_calls": tool_calls,
                             "reasoning": None,
                         },
                         "logprobs": None,
@@ -798,9 +859,17 @@ class VllmSimulator(SimControl):
                     delay = t_first + i * itl - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                delta: dict[str, Any] = {"content": tokens[i]}
+                if plan.tool is not None:  # vLLM streams a tool call's arguments as deltas
+                    call: dict[str, Any] = {"index": 0, "function": {"arguments": tokens[i]}}
+                    if i == 0:
+                        call["id"] = "chatcmpl-tool-" + plan.rid[-16:]
+                        call["type"] = "function"
+                        call["function"]["name"] = plan.tool
+                    delta = {"tool_calls": [call]}
                 choice: dict[str, Any] = {
                     "index": 0,
-                    "delta": {"content": tokens[i]},
+                    "delta": delta,
                     "logprobs": None,
                     "finish_reason": None,
                 }

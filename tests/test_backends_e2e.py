@@ -4,6 +4,7 @@ equivalent results; embeddings, rerank and classify through TEI; all metered, th
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 from collections.abc import Iterator
@@ -107,6 +108,80 @@ def test_same_sdk_script_on_every_chat_backend(sdk: openai.OpenAI, gw: Gateway, 
     if model != "tgi-messages-model":
         comp = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=5)
         assert comp.choices[0].text and comp.usage.completion_tokens == 5
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer"},
+            },
+            "required": ["city"],
+        },
+    },
+}
+NOTE = {
+    "type": "function",
+    "function": {
+        "name": "take_note",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize("model", ("vllm-model", "tgi-messages-model"))
+def test_tools_pass_through_where_the_backend_supports_them(
+    sdk: openai.OpenAI, gw: Gateway, model: str
+) -> None:
+    """Function calling through vLLM and TGI's Messages API: the same SDK calls get a tool call
+    of the chosen function with arguments that parse, streamed or not, and are metered."""
+    asked = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=model,
+        messages=asked,
+        tools=[NOTE, WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=64,
+    )
+    reply = raw.parse()
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "unit", "days"} and args["unit"] == "celsius"
+    assert reply.choices[0].finish_reason in ("tool_calls", "stop")
+    assert reply.usage.completion_tokens > 0 and float(raw.headers["x-credits-used"]) > 0
+
+    # "auto" picks the first tool; streamed, the arguments arrive as deltas of one call
+    chunks = list(
+        sdk.chat.completions.create(
+            model=model, messages=asked, tools=[WEATHER], max_tokens=64, stream=True
+        )
+    )
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].function.name == "get_weather"
+    streamed = "".join(tc.function.arguments or "" for tc in calls)
+    assert set(json.loads(streamed)) == {"city", "unit", "days"}
+    assert {tc.index for tc in calls} == {0}
+
+    with pytest.raises(openai.BadRequestError):  # a tool_choice naming no given tool
+        sdk.chat.completions.create(
+            model=model, messages=asked, tools=[WEATHER], tool_choice="nope", max_tokens=8
+        )
+
+
+def test_tools_on_tgi_native_are_refused_with_the_param(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk.chat.completions.create(
+            model="tgi-native-model", messages=HELLO, tools=[WEATHER], max_tokens=8
+        )
+    assert exc.value.status_code == 400
+    assert exc.value.body["param"] == "tools"
 
 
 @pytest.mark.parametrize("model", CHAT_MODELS)
