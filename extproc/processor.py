@@ -231,6 +231,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     "tollgate.request_id": st.request_id,
                     "tollgate.account": st.principal.account if st.principal else None,
                     "tollgate.operation": st.op.name if st.op else None,
+                    "tollgate.dialect": st.dialect,
                     "tollgate.backend": st.backend.name if st.backend else None,
                     "gen_ai.operation.name": st.op.name if st.op else None,
                     "gen_ai.request.model": st.model.id if st.model else None,
