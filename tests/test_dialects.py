@@ -13,29 +13,19 @@ import openai
 import orjson
 import pytest
 
-from tests.harness import PRICE, Gateway, base_config, free_port_block, start_gateway
+from tests.harness import PRICE, Gateway, base_config, sim_backend, start_gateway
 
 HELLO = [{"role": "user", "content": "Tell me about envelopes."}]
-
-
-def _sim(name: str, kind: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "kind": kind,
-        "endpoints": [f"127.0.0.1:{free_port_block()}"],
-        "request_timeout": "20s",
-        "simulate": {"output_tokens": 8},
-    }
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     cfg = base_config()
     cfg["backends"] += [
-        _sim("tgi", "tgi"),
-        _sim("tei-embed", "tei"),
-        _sim("tei-rerank", "tei"),
-        _sim("media", "openai"),
+        sim_backend("tgi", "tgi"),
+        sim_backend("tei-embed", "tei"),
+        sim_backend("tei-rerank", "tei"),
+        sim_backend("media", "openai"),
     ]
     cfg["models"] += [
         # TGI's own limit (--max-total-tokens 4096) is the context the gateway reserves within
