@@ -15,7 +15,8 @@ Shape of what Envoy does for the processor (see README, "Request path"):
 * One cluster per backend: health checks, circuit breaker at ``max_concurrent_requests``,
   outlier detection; one HTTP/2 cluster listing every processor worker.
 * ``local_reply_config`` renders Envoy's own errors in the gateway's JSON shape
-  (:data:`extproc.errors.ENVOY_LOCAL_REPLIES`).
+  (:data:`extproc.errors.ENVOY_LOCAL_REPLIES`), and in the envelope shape on envelope-dialect
+  requests (:data:`ENVELOPE_CEL`).
 * Request ids: Envoy keeps the client's ``x-request-id`` or makes one; the processor replaces an
   insane one (and rewrites the request header). Envoy's ``always_set_request_id_in_response``
   is off because it would echo the client's original id over the processor's: the processor
@@ -34,7 +35,8 @@ from typing import Any
 import yaml
 
 from .config import Backend, GatewayConfig
-from .errors import CODES, ENVOY_LOCAL_REPLIES
+from .dialects import DIALECT_KEY, ENVELOPE, ENVELOPE_PREFIX
+from .errors import ENVOY_LOCAL_REPLIES, local_reply_body
 
 ROUTE_HEADER = "x-tollgate-backend"
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
@@ -177,14 +179,30 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
-def _usage_rules() -> list[dict[str, Any]]:
+def _usage_rules(
+    fields: tuple[tuple[str, str, str], ...] = (
+        ("usage", "prompt_tokens", "prompt_tokens"),
+        ("usage", "completion_tokens", "completion_tokens"),
+    ),
+) -> list[dict[str, Any]]:
+    """(object, field, usage key): ``object.field`` of a JSON body or SSE event -> ``usage key``
+    in the usage namespace."""
     return [
         {
-            "selectors": [{"key": "usage"}, {"key": field}],
-            "on_present": {"metadata_namespace": USAGE_NS, "key": field, "type": "NUMBER"},
+            "selectors": [{"key": obj}, {"key": field}],
+            "on_present": {"metadata_namespace": USAGE_NS, "key": key, "type": "NUMBER"},
         }
-        for field in ("prompt_tokens", "completion_tokens")
+        for obj, field, key in fields
     ]
+
+
+# TGI's native stream (/generate_stream) reports its counts in the last event's details; only
+# the per-model proxy forwards that stream untranslated, and this meters it with no processor
+# message per chunk.
+_TGI_STREAM_USAGE = (
+    ("details", "input_length", "prompt_tokens"),
+    ("details", "generated_tokens", "completion_tokens"),
+)
 
 
 def _metering_filters() -> list[dict[str, Any]]:
@@ -210,7 +228,10 @@ def _metering_filters() -> list[dict[str, Any]]:
                         "typed_config": {
                             "@type": _T
                             + "envoy.extensions.content_parsers.json.v3.JsonContentParser",
-                            "rules": [{"rule": r} for r in _usage_rules()],
+                            "rules": [
+                                {"rule": r}
+                                for r in _usage_rules() + _usage_rules(_TGI_STREAM_USAGE)
+                            ],
                         },
                     }
                 },
@@ -369,54 +390,56 @@ def _ratio_sampler(ratio: float) -> dict[str, Any]:
     }
 
 
+def _cel_filter(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+# A request of the envelope dialect: its path (before the processor rewrote it to the backend's)
+# or the marker the processor sets in the body phase (after the rewrite). CEL's || is true when
+# either side is, even if the other is an error (the marker is missing on other requests).
+ENVELOPE_CEL = (
+    f"(request.path.startsWith('{ENVELOPE_PREFIX}')"
+    f" || metadata.filter_metadata['{METADATA_NS}']['{DIALECT_KEY}'] == '{ENVELOPE}')"
+)
+
+
 def _local_reply_config() -> dict[str, Any]:
+    """Envoy's own errors in the gateway's shapes: for each entry of ENVOY_LOCAL_REPLIES a mapper
+    for the envelope dialect first, then the one for every other request (first match wins)."""
     mappers = []
     for match, status, code, message in ENVOY_LOCAL_REPLIES:
         if match.startswith("flags:"):
             flt: dict[str, Any] = {"response_flag_filter": {"flags": match[6:].split(",")}}
         else:
-            flt = {
-                "extension_filter": {
-                    "name": "envoy.access_loggers.extension_filters.cel",
-                    "typed_config": {
-                        "@type": _T
-                        + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                        "expression": match,
-                    },
-                }
-            }
-        mapper: dict[str, Any] = {
-            "filter": flt,
-            "body_format_override": {
-                "json_format": {
-                    "error": {
-                        "message": message,
-                        "type": CODES[code][1],
-                        "param": None,
-                        "code": code,
-                        "request_id": "%REQ(X-REQUEST-ID)%",
-                    }
+            flt = _cel_filter(match)
+        for envelope in (True, False):
+            mapper: dict[str, Any] = {
+                "filter": (
+                    {"and_filter": {"filters": [flt, _cel_filter(ENVELOPE_CEL)]}}
+                    if envelope
+                    else flt
+                ),
+                "body_format_override": {
+                    "json_format": local_reply_body(code, message, envelope),
+                    "content_type": "application/json",
                 },
-                "content_type": "application/json",
-            },
-        }
-        if status:
-            mapper["status_code"] = status
-        mapper["headers_to_add"] = [_REQUEST_ID_HEADER]
-        mappers.append(mapper)
+            }
+            if status:
+                mapper["status_code"] = status
+            mapper["headers_to_add"] = [_REQUEST_ID_HEADER]
+            mappers.append(mapper)
     # Every other local reply of Envoy's own keeps its body but still carries the request id.
     mappers.append(
         {
-            "filter": {
-                "extension_filter": {
-                    "name": "envoy.access_loggers.extension_filters.cel",
-                    "typed_config": {
-                        "@type": _T
-                        + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                        "expression": "!response.code_details.startsWith('tollgate')",
-                    },
-                }
-            },
+            "filter": _cel_filter("!response.code_details.startsWith('tollgate')"),
             "headers_to_add": [_REQUEST_ID_HEADER],
         }
     )

@@ -8,9 +8,17 @@ renders it as OpenAI does::
 
 ``code`` is stable and documented (README, "Errors"); ``type`` is OpenAI's coarse category so the
 official SDKs map the status to their own exception classes; ``param`` names the offending field.
-Envoy's own local replies (no healthy upstream, upstream timeout, body too large, processor
-unreachable) are rendered in the same shape by ``local_reply_config`` mappers built from
-:data:`ENVOY_LOCAL_REPLIES` in ``envoy_config.py``.
+The envelope dialect (``/v1/inference/...``, ``extproc/dialects.py``) carries the same error
+object, without the request id, inside its envelope::
+
+    {"status": "error", "error": {"message": "...", "type": "...", "param": null, "code": "..."},
+     "meta": {"request_id": "..."}}
+
+The per-model proxy dialect uses the OpenAI shape for the gateway's own errors (and passes the
+backend's errors through in the backend's schema). Envoy's own local replies (no healthy
+upstream, upstream timeout, body too large, processor unreachable) are rendered in these shapes by
+``local_reply_config`` mappers built from :data:`ENVOY_LOCAL_REPLIES` and :func:`local_reply_body`
+in ``envoy_config.py``.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ class GatewayError(Exception):
     def type(self) -> str:
         return CODES[self.code][1]
 
-    def payload(self, request_id: str | None = None) -> dict[str, object]:
+    def _object(self) -> dict[str, object]:
         err: dict[str, object] = {
             "message": self.message,
             "type": self.type,
@@ -75,6 +83,10 @@ class GatewayError(Exception):
         }
         if self.retry_after is not None:
             err["retry_after"] = self.retry_after
+        return err
+
+    def payload(self, request_id: str | None = None) -> dict[str, object]:
+        err = self._object()
         if request_id:
             err["request_id"] = request_id
         return {"error": err}
@@ -82,10 +94,33 @@ class GatewayError(Exception):
     def body(self, request_id: str | None = None) -> bytes:
         return orjson.dumps(self.payload(request_id))
 
+    def envelope_payload(self, request_id: str | None = None) -> dict[str, object]:
+        """The envelope dialect's error: ``{"status": "error", "error": {...}, "meta": {...}}``."""
+        return {"status": "error", "error": self._object(), "meta": {"request_id": request_id}}
+
+    def envelope_body(self, request_id: str | None = None) -> bytes:
+        return orjson.dumps(self.envelope_payload(request_id))
+
 
 def invalid(message: str, param: str | None = None) -> GatewayError:
     """Shorthand for a 400 ``invalid_request_error`` naming ``param``."""
     return GatewayError("invalid_request_error", message, param)
+
+
+def local_reply_body(code: str, message: str, envelope: bool) -> dict[str, object]:
+    """The ``json_format`` of an Envoy local reply mapper: the same shapes as
+    :meth:`GatewayError.payload` / :meth:`GatewayError.envelope_payload`, with Envoy's request
+    id substituted."""
+    err: dict[str, object] = {
+        "message": message,
+        "type": CODES[code][1],
+        "param": None,
+        "code": code,
+    }
+    request_id = "%REQ(X-REQUEST-ID)%"
+    if envelope:
+        return {"status": "error", "error": err, "meta": {"request_id": request_id}}
+    return {"error": {**err, "request_id": request_id}}
 
 
 # Envoy's own local replies, rendered by local_reply_config mappers (first match wins). Each entry:

@@ -34,6 +34,8 @@ CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=BodyResponse())
 
 BUFFER_RESPONSE = ProcessingMode(response_body_mode=ProcessingMode.BUFFERED)
 STREAM_RESPONSE = ProcessingMode(response_body_mode=ProcessingMode.STREAMED)
+# Routed from the request headers: the body goes to the backend without passing through here.
+SKIP_REQUEST_BODY = ProcessingMode(request_body_mode=ProcessingMode.NONE)
 
 
 def header_map(headers: Iterable[HeaderValue]) -> dict[str, str]:
@@ -71,18 +73,32 @@ def immediate(
 
 
 def error_response(
-    err: GatewayError, request_id: str | None, headers: Iterable[tuple[str, str]] = ()
+    err: GatewayError,
+    request_id: str | None,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes | None = None,
 ) -> ProcessingResponse:
+    """``err`` as an immediate response; ``body`` is its rendering in the request's dialect
+    (default: the OpenAI shape)."""
     extra: list[tuple[str, str]] = [*headers, *err.headers]
     if err.retry_after is not None:
         extra.append(("retry-after", str(err.retry_after)))
-    return immediate(err.status, err.body(request_id), DETAILS_PREFIX + err.code, extra)
+    if body is None:
+        body = err.body(request_id)
+    return immediate(err.status, body, DETAILS_PREFIX + err.code, extra)
 
 
-def request_headers_response(headers: HeaderMutation) -> ProcessingResponse:
-    return ProcessingResponse(
-        request_headers=HeadersResponse(response=CommonResponse(header_mutation=headers))
+def request_headers_response(
+    headers: HeaderMutation, clear_route_cache: bool = False, mode: ProcessingMode | None = None
+) -> ProcessingResponse:
+    resp = ProcessingResponse(
+        request_headers=HeadersResponse(
+            response=CommonResponse(header_mutation=headers, clear_route_cache=clear_route_cache)
+        )
     )
+    if mode is not None:
+        resp.mode_override.CopyFrom(mode)
+    return resp
 
 
 def request_body_response(

@@ -14,7 +14,9 @@ response body          only on request: error normalization or per-event rewriti
 =====================  ===============================================================
 
 So a non-streaming request costs 3 messages and a stream from an OpenAI-speaking backend costs
-the same 3, with no message per chunk. The common answers are built once and reused.
+the same 3, with no message per chunk. The common answers are built once and reused. The
+envelope and per-model proxy dialects run through the same phases; what differs (paths, shapes,
+their message counts) is in ``dialects.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ from . import messages as m
 from .account_api import ACCOUNT_PATHS, AccountApi
 from .auth import KeyAuthenticator, Principal
 from .config import Backend, GatewayConfig, Model
+from .dialects import (
+    DIALECT_KEY,
+    ENVELOPE,
+    OPENAI,
+    Envelope,
+    ProxyTranslator,
+    dialect_of,
+    envelope_route,
+    error_body,
+    proxy_target,
+)
 from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
 from .errors import GatewayError
 from .ledger import Reservation
@@ -72,13 +85,17 @@ class RequestState:
         "backend",
         "backend_status",
         "buffered",
+        "client_path",
         "defer_settle",
+        "dialect",
+        "envelope",
         "id_note",
         "model",
         "op",
         "path",
         "phases",
         "principal",
+        "proxy",
         "request_id",
         "reservation",
         "settled",
@@ -115,7 +132,11 @@ class RequestState:
         self.span_id = b""  # the tollgate.process span's id while traced
         self.t0_ns = 0
         self.usage: dict[str, float] | None = None
-        self.path = ""  # the client's path, without the query
+        self.path = ""  # the operation's OpenAI path (the client's, in the OpenAI dialect)
+        self.client_path = ""  # the client's path, without the query
+        self.dialect = OPENAI
+        self.envelope: Envelope | None = None  # the envelope dialect's response side
+        self.proxy: ProxyTranslator | None = None  # the per-model proxy's route and translator
         self.timeout_s: float | None = None  # X-Request-Timeout
         self.defer_settle = False  # settle once the translator has read usage from the body
 
@@ -182,11 +203,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         resp = _continue_other(phase)
                 except GatewayError as err:
                     st.status = err.status
-                    resp = m.error_response(err, st.request_id, st.id_headers())
+                    resp = self._error(err, st)
                 except Exception:
                     log.exception("processor_error", request_id=st.request_id, phase=phase)
                     st.status = _INTERNAL.status
-                    resp = m.error_response(_INTERNAL, st.request_id, st.id_headers())
+                    resp = self._error(_INTERNAL, st)
                 elapsed = perf_counter() - t0
                 self.metrics.phase.observe(elapsed, phase)
                 if self.debug:
@@ -199,6 +220,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             self._log(st)
             if st.phases is not None:
                 self._trace(st)
+
+    @staticmethod
+    def _error(err: GatewayError, st: RequestState) -> ProcessingResponse:
+        body = error_body(st.dialect, err, st.request_id)
+        return m.error_response(err, st.request_id, st.id_headers(), body)
 
     def _trace(self, st: RequestState) -> None:
         assert self.tracing is not None and st.phases is not None and st.trace is not None
@@ -213,6 +239,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     "tollgate.request_id": st.request_id,
                     "tollgate.account": st.principal.account if st.principal else None,
                     "tollgate.operation": st.op.name if st.op else None,
+                    "tollgate.dialect": st.dialect,
                     "tollgate.backend": st.backend.name if st.backend else None,
                     "gen_ai.operation.name": st.op.name if st.op else None,
                     "gen_ai.request.model": st.model.id if st.model else None,
@@ -251,7 +278,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         model = st.model.id if st.model else "-"
         elapsed = time.monotonic() - st.started
         self.metrics.requests.inc(
-            model, st.backend.name if st.backend else "-", "openai", str(st.status)
+            model, st.backend.name if st.backend else "-", st.dialect, str(st.status)
         )
         self.metrics.duration.observe(elapsed, model)
         log.info(
@@ -266,6 +293,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             status=st.status,
             reserved=st.reservation.amount if st.reservation else None,
             request_id_replaced=st.id_note or None,
+            dialect=st.dialect,
             ms=round(elapsed * 1000, 2),
         )
 
@@ -280,6 +308,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             st.id_note = "too_long" if len(rid) > 128 else "invalid_characters"
             rid = str(uuid.uuid4())
         st.request_id = rid
+        method = headers.get(":method", "")
+        path = headers.get(":path", "").partition("?")[0]
+        st.dialect = dialect_of(path)  # first: every refusal below comes in its shape
         if self.inflight > self.max_inflight:
             raise _OVERLOADED
         phases = st.phases
@@ -292,16 +323,26 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         finally:  # refused keys are traced too
             if phases is not None:
                 phases.append(("tollgate.auth", t, time_ns()))
-        method = headers.get(":method", "")
-        path = headers.get(":path", "").partition("?")[0]
-        op = POST_OPERATIONS.get(path)
+        op_path = path
+        if st.dialect == OPENAI:
+            op = POST_OPERATIONS.get(path)
+        elif st.dialect == ENVELOPE:
+            envelope, op = envelope_route(path)
+            st.envelope = Envelope(envelope)
+            op_path = envelope.openai_path
+        else:
+            model, route = proxy_target(path, method, self.cfg)
+            # Per-key model pools (issue #5): a key not allowed this model is refused here, as
+            # the other dialects refuse it in the body phase once the model is known.
+            st.model, st.backend = model, self.cfg.backends_by_name[model.backend]
+            st.proxy = st.translator = ProxyTranslator(model, route)
+            op = route.op
+            if op is None or not route.reads_body:  # GET models, multipart uploads
+                st.client_path = st.path = path
+                return await self._route_from_headers(st, headers)
         if op is not None:
-            st.path = path
-            timeout = headers.get("x-request-timeout")
-            if timeout is None:
-                timeout = headers.get("oicm-request-timeout")
-            if timeout is not None:
-                st.timeout_s = _request_timeout(timeout)
+            st.path, st.client_path = op_path, path
+            st.timeout_s = _timeout_of(headers)
             if method != "POST":
                 raise GatewayError("method_not_allowed", f"Use POST for {path}.")
             if msg.end_of_stream:
@@ -352,31 +393,46 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         except orjson.JSONDecodeError:
             raise MALFORMED_JSON from None
         json_object(body)
-        model_id = require_model(body)
-        stream = op.validate(body)
-        model = self.cfg.models_by_id.get(model_id)
-        if model is None:
-            raise GatewayError(
-                "model_not_found", f"The model '{model_id}' does not exist.", "model"
-            )
-        if model.kind != op.model_kind:
-            raise GatewayError(
-                "invalid_request_error",
-                f"The model '{model_id}' is a {model.kind} model and does not serve {op.name}.",
-                "model",
-            )
-        backend = self.cfg.backends_by_name[model.backend]
-        translator = for_backend(backend, model, st.request_id)
-        st.model, st.backend, st.translator, st.stream = model, backend, translator, stream
-        client_max = body.get("max_completion_tokens") or body.get("max_tokens")
-        phases = st.phases
+        if st.proxy is None:
+            model_id = require_model(body)
+            stream = op.validate(body)
+            model = self.cfg.models_by_id.get(model_id)
+            if model is None:
+                raise GatewayError(
+                    "model_not_found", f"The model '{model_id}' does not exist.", "model"
+                )
+            if model.kind != op.model_kind:
+                raise GatewayError(
+                    "invalid_request_error",
+                    f"The model '{model_id}' is a {model.kind} model and does not serve {op.name}.",
+                    "model",
+                )
+            backend = self.cfg.backends_by_name[model.backend]
+            st.translator = for_backend(backend, model, st.request_id)
+            st.model, st.backend, view = model, backend, body
+        else:  # per-model proxy: the path chose the model; metering reads OpenAI fields
+            stream, view = st.proxy.prepare(body)
+        st.stream = stream
+        client_max = view.get("max_completion_tokens") or view.get("max_tokens")
         if not self.metered:
             return self._forward_traced(body, st, client_max, stream)
-        # The rate check, concurrency check and reservation: one store round trip.
+        await self._reserve(st, view)
+        try:
+            return self._forward_traced(body, st, client_max, stream)
+        except Exception:
+            await self._void(st, "gateway_error")
+            raise
+
+    async def _reserve(self, st: RequestState, view: dict[str, Any]) -> None:
+        """The rate check, concurrency check and reservation: one store round trip. ``view``:
+        the request body in OpenAI terms (what the token estimate reads)."""
+        assert st.principal is not None and st.model is not None and st.backend is not None
+        assert st.op is not None
+        phases = st.phases
         t = time_ns() if phases is not None else 0
         try:
             st.reservation = await self.meter.reserve(
-                st.request_id, st.principal, model, op.name, body, backend.name
+                st.request_id, st.principal, st.model, st.op.name, view, st.backend.name
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             log.error("store_unreachable", request_id=st.request_id, phase="reserve")
@@ -385,11 +441,33 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if phases is not None:
                 phases.append(("tollgate.reserve", t, time_ns()))
         st.started_ms = int(time.time() * 1000)
-        try:
-            return self._forward_traced(body, st, client_max, stream)
-        except Exception:
-            await self._void(st, "gateway_error")
-            raise
+
+    async def _route_from_headers(
+        self, st: RequestState, headers: dict[str, str]
+    ) -> ProcessingResponse:
+        """A proxy request whose body the processor does not read: GET ``models`` (not metered)
+        and multipart uploads (reserved at the per-request price); routed from its headers."""
+        assert st.proxy is not None and st.backend is not None
+        st.timeout_s = _timeout_of(headers)
+        op = st.op = st.proxy.route.op
+        if op is not None and self.metered:
+            await self._reserve(st, {})
+        pairs = self._upstream(st, st.backend.name, st.proxy.route.path)
+        if st.id_note:
+            pairs += st.id_headers()[:1]
+        return m.request_headers_response(m.set_headers(pairs), True, m.SKIP_REQUEST_BODY)
+
+    def _upstream(self, st: RequestState, route: str, path: str | None) -> list[tuple[str, str]]:
+        """The routing header, the backend's path if it differs from the client's, and the
+        upstream timeout (X-Request-Timeout, bounded by the route's own timeout)."""
+        assert st.backend is not None
+        pairs: list[tuple[str, str]] = [(ROUTE_HEADER, route)]
+        if path is not None and path != st.client_path:
+            pairs.append((":path", path))
+        if st.timeout_s is not None:
+            ms = int(min(st.timeout_s, st.backend.request_timeout_s) * 1000)
+            pairs.append(("x-envoy-upstream-rq-timeout-ms", str(max(ms, 1))))
+        return pairs
 
     def _forward_traced(
         self, body: dict[str, Any], st: RequestState, client_max: Any, stream: bool
@@ -409,6 +487,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         res = st.reservation
         changed = False
         metadata = None
+        marks: dict[str, Any] = {DIALECT_KEY: ENVELOPE} if st.envelope is not None else {}
         if st.op.name in GENERATIVE and res is not None:
             if client_max is None:  # stop the backend where the money (or the window) stops
                 body["max_tokens"] = res.granted
@@ -426,6 +505,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 metadata.update(
                     {
                         METADATA_NS: {
+                            **marks,
                             # for Envoy's Lua stream meter and the settling access log
                             "stream": True,
                             "request_id": st.request_id,
@@ -448,13 +528,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         translator = st.translator
         changed = translator.request(st.op.name, body, stream) or changed
         route = stream_route_value(st.backend.name) if metadata is not None else st.backend.name
-        pairs: list[tuple[str, str]] = [(ROUTE_HEADER, route)]
-        path = translator.backend_path(st.op.name, st.path)
-        if path is not None and path != st.path:
-            pairs.append((":path", path))
-        if st.timeout_s is not None:  # X-Request-Timeout, bounded by the route's own timeout
-            ms = int(min(st.timeout_s, st.backend.request_timeout_s) * 1000)
-            pairs.append(("x-envoy-upstream-rq-timeout-ms", str(max(ms, 1))))
+        if metadata is None and marks:  # Envoy's local replies on this request: envelope shape
+            metadata = Struct()
+            metadata.update({METADATA_NS: marks})
+        # the backend's own path, else the operation's (the envelope's differs from the client's)
+        path = translator.backend_path(st.op.name, st.path) or st.path
+        pairs = self._upstream(st, route, path)
         new_body = None
         if changed:
             new_body = orjson.dumps(body)
@@ -485,6 +564,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if translator.dropped:
             pairs.append(("x-gateway-dropped-params", ",".join(translator.dropped)))
         wants_body = translator.wants_response_body(status, content_type)
+        if st.envelope is not None and status < 400 and st.envelope.wants_body(content_type):
+            wants_body = True  # to wrap it, or to watch the stream for errors
         sse = content_type.startswith("text/event-stream")
         if res is not None:
             if st.stream and status < 400:
@@ -493,6 +574,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 fm = req.metadata_context.filter_metadata
                 if USAGE_NS in fm:
                     st.usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
+                elif translator.usage is not None:  # from the headers (proxy: TGI, TEI)
+                    st.usage = dict(translator.usage)
                 if wants_body and status < 400 and not sse:
                     st.defer_settle = True  # the translator reads usage from the body (TGI, TEI)
                 else:
@@ -530,7 +613,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         msg = req.response_body
         if st.backend_status:
             err = translator.error(st.backend_status, msg.body)
-            body = err.body(st.request_id)
+            body = error_body(st.dialect, err, st.request_id)
             pairs = [("content-type", "application/json"), ("content-length", str(len(body)))]
             if err.status != st.status:  # only the body told (e.g. TEI's 424 for a wrong task)
                 st.status = err.status
@@ -538,18 +621,35 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if err.retry_after is not None:
                 pairs.append(("retry-after", str(err.retry_after)))
             return m.response_body_response(body, m.set_headers(pairs))
-        out = translator.response_body(msg.body, msg.end_of_stream)
+        chunk = msg.body
+        out = translator.response_body(chunk, msg.end_of_stream)
+        envelope = st.envelope
         if not st.buffered:
-            return m.CONTINUE_RESPONSE_BODY if out is None else m.response_body_response(out)
+            if envelope is not None and envelope.streaming:
+                out = envelope.stream_chunk(
+                    chunk if out is None else out, msg.end_of_stream, st.request_id
+                )
+            if out is None or out is chunk:
+                return m.CONTINUE_RESPONSE_BODY
+            return m.response_body_response(out)
         pairs = []
         if st.defer_settle:
             st.defer_settle = False
             if translator.usage is not None:
                 st.usage = dict(translator.usage)
             pairs = self._settle(st, st.status)
+        if envelope is not None and envelope.wrapping:
+            out = envelope.wrap(chunk if out is None else out, st.request_id, st.model, st.usage)
         if out is not None:
             pairs.append(("content-length", str(len(out))))
         return m.response_body_response(out, m.set_headers(pairs) if pairs else None)
+
+
+def _timeout_of(headers: dict[str, str]) -> float | None:
+    value = headers.get("x-request-timeout")
+    if value is None:
+        value = headers.get("oicm-request-timeout")
+    return None if value is None else _request_timeout(value)
 
 
 def _request_timeout(value: str) -> float:

@@ -2,7 +2,8 @@
 
 A backend chunk may end in the middle of an event (or of a UTF-8 character); translators must
 only ever see whole events. :class:`EventSplitter` keeps the unfinished tail and hands back the
-complete events, never buffering more than one partial event.
+complete events, never buffering more than one partial event. :func:`event_data` reads one
+event's data.
 """
 
 from __future__ import annotations
@@ -39,7 +40,25 @@ class EventSplitter:
                 events.append(tail)
         return events
 
+    @property
+    def pending(self) -> bool:
+        """Whether part of an event is held for the next chunk."""
+        return bool(self._tail)
+
     def flush(self) -> bytes:
         """What is left at end of stream (an unterminated last event), emptied."""
         tail, self._tail = self._tail, b""
         return tail
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (``data:`` with or without the space, lines joined; comments
+    and other fields skipped), or None if it has no data line."""
+    lines = [
+        line[6:] if line[5:6] == b" " else line[5:]
+        for line in event.split(b"\n")
+        if line[:5] == b"data:"
+    ]
+    if not lines:
+        return None
+    return lines[0] if len(lines) == 1 else b"\n".join(lines)

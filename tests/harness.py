@@ -97,6 +97,18 @@ def base_config(
     }
 
 
+def sim_backend(name: str, kind: str, **extra: object) -> dict[str, object]:
+    """A simulated backend of ``kind`` on a free port (8 output tokens, 20 s timeout)."""
+    return {
+        "name": name,
+        "kind": kind,
+        "endpoints": [f"127.0.0.1:{free_port_block()}"],
+        "request_timeout": "20s",
+        "simulate": {"output_tokens": 8},
+        **extra,
+    }
+
+
 @dataclass
 class Gateway:
     stack: Stack

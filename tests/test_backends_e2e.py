@@ -14,34 +14,23 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import Gateway, base_config, free_port_block, start_gateway
+from tests.harness import Gateway, base_config, sim_backend, start_gateway
 
 PRICE = {"input_per_1m": 1, "output_per_1m": 2}
 CHAT_MODELS = ("vllm-model", "tgi-native-model", "tgi-messages-model")
 HELLO = [{"role": "user", "content": "Tell me about gateways."}]
 
 
-def _sim(name: str, kind: str, **extra: object) -> dict[str, object]:
-    return {
-        "name": name,
-        "kind": kind,
-        "endpoints": [f"127.0.0.1:{free_port_block()}"],
-        "request_timeout": "20s",
-        "simulate": {"output_tokens": 8},
-        **extra,
-    }
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     cfg = base_config()
     cfg["backends"] = [
-        _sim("vllm-b", "vllm"),
-        _sim("tgi-native", "tgi"),
-        _sim("tgi-messages", "tgi", mode="messages"),
-        _sim("tei-embed", "tei"),
-        _sim("tei-rerank", "tei"),
-        _sim("tei-classify", "tei"),
+        sim_backend("vllm-b", "vllm"),
+        sim_backend("tgi-native", "tgi"),
+        sim_backend("tgi-messages", "tgi", mode="messages"),
+        sim_backend("tei-embed", "tei"),
+        sim_backend("tei-rerank", "tei"),
+        sim_backend("tei-classify", "tei"),
     ]
     cfg["models"] = [
         {"id": "vllm-model", "backend": "vllm-b", "pricing": PRICE},

@@ -127,7 +127,9 @@ def test_tracing_config_and_env_override(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (cfg.otlp_endpoint.host, cfg.otlp_endpoint.port) == ("collector", 4317)
     boot = render(cfg)
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    assert hcm["typed_config"]["tracing"]["random_sampling"]["value"] == 25
+    otel = hcm["typed_config"]["tracing"]["provider"]["typed_config"]
+    ratio = otel["sampler"]["typed_config"]["wrapped_sampler"]["typed_config"]
+    assert ratio["sampling_percentage"] == {"numerator": 250_000, "denominator": "MILLION"}
     assert OTLP_CLUSTER in {c["name"] for c in boot["static_resources"]["clusters"]}
     monkeypatch.setenv(OTLP_ENV, "127.0.0.1:4999")  # `tollgate up --otlp` sets it
     assert parse_config(data).otlp_endpoint.port == 4999

@@ -50,7 +50,7 @@ import orjson
 
 from ..config import Model
 from ..errors import GatewayError, invalid
-from ..sse import EventSplitter
+from ..sse import EventSplitter, event_data
 from .errors_map import client_status, normalize_error, tgi_stream_error
 from .tgi_native import DONE, TgiNative, json_schema_of, malformed, stop_list
 
@@ -287,14 +287,9 @@ class TgiMessages:
         return b"".join(out)
 
     def _event(self, event: bytes, out: list[bytes]) -> None:
-        lines = [
-            line[6:] if line[5:6] == b" " else line[5:]
-            for line in event.split(b"\n")
-            if line[:5] == b"data:"
-        ]
-        if not lines:  # keep-alive comment
+        payload = event_data(event)
+        if payload is None:  # keep-alive comment
             return
-        payload = lines[0] if len(lines) == 1 else b"\n".join(lines)
         if payload.strip() == b"[DONE]":
             out.append(DONE)
             self._done = True

@@ -45,7 +45,7 @@ import orjson
 
 from ..config import Model
 from ..errors import GatewayError, invalid
-from ..sse import EventSplitter
+from ..sse import EventSplitter, event_data
 from .chat_template import compiled
 from .errors_map import client_status, normalize_error, tgi_stream_error
 
@@ -461,11 +461,8 @@ class TgiNative:
         text = data["generated_text"]
         if reason == "stop_sequence":
             text = self._cut_stop(text)
-        completion = details.get("generated_tokens")
-        if not isinstance(completion, int):
-            completion = self._generated_header or 0
-        prompt = self._prompt_tokens or 0
-        self.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+        self.usage = generate_usage(details, self._prompt_tokens, self._generated_header)
+        prompt, completion = self.usage["prompt_tokens"], self.usage["completion_tokens"]
         usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -554,7 +551,7 @@ class TgiNative:
         if event[:5] == b"data:" and b"\n" not in event:
             payload = event[6:] if event[5:6] == b" " else event[5:]
         else:
-            payload = _data_of(event)
+            payload = event_data(event)
             if payload is None:  # keep-alive comment, or a field we do not use
                 return
         try:
@@ -692,16 +689,15 @@ def _legacy_top(token: dict[str, Any], top: Any) -> dict[str, float]:
     return {t.get("text") or "": t.get("logprob") for t in top if isinstance(t, dict)}
 
 
-def _data_of(event: bytes) -> bytes | None:
-    """The data of a multi-line SSE event (comments and other fields skipped), or None."""
-    lines = [
-        line[6:] if line[5:6] == b" " else line[5:]
-        for line in event.split(b"\n")
-        if line[:5] == b"data:"
-    ]
-    if not lines:
-        return None
-    return b"\n".join(lines)
+def generate_usage(
+    details: Any, prompt_header: int | None, generated_header: int | None
+) -> dict[str, int]:
+    """Usage of a ``/generate`` answer: prompt tokens from the ``x-prompt-tokens`` header,
+    generated tokens from ``details.generated_tokens`` (else the ``x-generated-tokens`` header)."""
+    completion = details.get("generated_tokens") if isinstance(details, dict) else None
+    if not isinstance(completion, int):
+        completion = generated_header or 0
+    return {"prompt_tokens": prompt_header or 0, "completion_tokens": completion}
 
 
 def int_header(value: str | None) -> int | None:
