@@ -202,6 +202,7 @@ class Result:
     processor_us_per_req: float | None = None
     envoy_us_per_req: float | None = None
     ext_proc_msgs_per_req: float | None = None  # from the gateway Envoy's ext_proc stats
+    store_us_per_req: float | None = None  # the embedded Valkey's CPU (it shares the cores)
 
 
 def k6_binary() -> str:
@@ -354,16 +355,20 @@ def main(argv: list[str] | None = None) -> int:
                         [c.pid for c in st.children if c.name.startswith("worker-")] if st else []
                     )
                     envoy_pid = [st.child("envoy").pid] if st else []
+                    store_pid = [c.pid for c in st.children if c.name == "valkey"] if st else []
                     # warm-up: connections, caches
                     run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json", model)
-                    cpu0 = cpu_seconds(workers), cpu_seconds(envoy_pid)
+                    pids = (workers, envoy_pid, store_pid)
+                    cpu0 = [cpu_seconds(p) for p in pids]
                     msgs0 = ext_proc_messages(st) if st else 0
                     summary = run_k6(script, url, key, vus, args.duration, tmp / "k6.json", model)
-                    cpu1 = cpu_seconds(workers), cpu_seconds(envoy_pid)
+                    cpu1 = [cpu_seconds(p) for p in pids]
                     r = summarize(target, scenario, vus, summary)
                     if st is not None and r.requests:
-                        r.processor_us_per_req = (cpu1[0] - cpu0[0]) / r.requests * 1e6
-                        r.envoy_us_per_req = (cpu1[1] - cpu0[1]) / r.requests * 1e6
+                        per_req = [
+                            (b - a) / r.requests * 1e6 for a, b in zip(cpu0, cpu1, strict=True)
+                        ]
+                        r.processor_us_per_req, r.envoy_us_per_req, r.store_us_per_req = per_req
                         r.ext_proc_msgs_per_req = (ext_proc_messages(st) - msgs0) / r.requests
                     results.append(r)
                     print(_row(r), flush=True)
@@ -441,6 +446,7 @@ def _row(r: Result) -> str:
     cpu = (
         f" | processor {r.processor_us_per_req:6.0f} µs/req"
         f" | envoy {r.envoy_us_per_req:5.0f} µs/req"
+        f" | store {r.store_us_per_req or 0:4.0f} µs/req"
         f" | {r.ext_proc_msgs_per_req or 0:4.1f} ext_proc msgs/req"
         if r.processor_us_per_req is not None
         else ""
