@@ -23,7 +23,8 @@ API reference (``shared/reference/backends.md`` section 4). What it reproduces:
   -> ``{"created", "data": [{"url"} | {"b64_json"}]}`` (``revised_prompt`` for dall-e-3;
   gpt-image-* always answer ``b64_json`` and add ``usage``). Images are real PNGs of the
   requested size in one colour derived from the prompt; URLs point back at this server
-  (``GET /sim/images/<W>x<H>-<rrggbb>.png``);
+  (``GET /sim/images/<W>x<H>-<rrggbb>.png``, on the server's own address when started with a
+  fixed ``--port``, as OpenAI's URLs are on its storage host whoever relayed the request);
 * ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` are served by an
   embedded vLLM personality (:mod:`backends.vllm`, so bodies carry vLLM's extra fields and
   *its* error shape), behind this server's auth and error injection;
@@ -131,6 +132,9 @@ class OpenAIConfig:
     keep_alive_timeout: float = 5.0
     pod_name: str | None = None
     history: int = 200
+    # Where image URLs point (``http://host:port``). OpenAI's URLs are on its own storage host,
+    # whoever the client talked to; when unset, the request's Host header is used.
+    image_base_url: str | None = None
 
 
 # --- errors --------------------------------------------------------------------------
@@ -895,9 +899,11 @@ class OpenAIMediaSimulator(SimControl):
                 png = png_bytes(width, height, rgb)
                 item = {"b64_json": base64.b64encode(png).decode("ascii")}
             else:
-                host = req.headers.get("host", "127.0.0.1")
+                base = self.config.image_base_url
+                if base is None:
+                    base = "http://" + req.headers.get("host", "127.0.0.1")
                 name = f"{width}x{height}-{bytes(rgb).hex()}.png"
-                item = {"url": f"http://{host}/sim/images/{name}"}
+                item = {"url": f"{base}/sim/images/{name}"}
             if model == "dall-e-3":
                 item["revised_prompt"] = prompt
             data.append(item)
@@ -1037,6 +1043,8 @@ def config_from_args(args: argparse.Namespace) -> OpenAIConfig:
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
         embedding_dim=args.embedding_dim,
+        # a fixed port: image URLs point here even when clients reach the server through a proxy
+        image_base_url=f"http://{args.host}:{args.port}" if args.port else None,
     )
 
 

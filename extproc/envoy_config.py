@@ -35,8 +35,10 @@ import yaml
 
 from .config import Backend, GatewayConfig
 from .errors import CODES, ENVOY_LOCAL_REPLIES
+from .operations import UPLOAD_PATHS
 
 ROUTE_HEADER = "x-tollgate-backend"
+REROUTE_FILTER = "tollgate.reroute"  # uploads: routes again once the processor has (_upload_route)
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
 OTLP_CLUSTER = "tollgate_otlp"
@@ -274,6 +276,60 @@ def _headers_only() -> dict[str, Any]:
     }
 
 
+def _lua_off() -> dict[str, Any]:
+    """The stream meter (Lua) disabled on a route."""
+    return {
+        "envoy.filters.http.lua": {
+            "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+            "disabled": True,
+        }
+    }
+
+
+def _upload_route(path: str, cfg: GatewayConfig) -> dict[str, Any]:
+    """A multipart upload (``extproc/media.py``): the processor gets the head of the body and
+    Envoy streams the rest to the backend.
+
+    BUFFERED_PARTIAL is set here, on the route, rather than by a mode override from the
+    processor, so that it already holds while the request headers are with the processor (in
+    the filter's default BUFFERED mode, body arriving meanwhile beyond the buffer limit is
+    refused with 413). Envoy drops Content-Length in this body mode: the upload goes on chunked.
+
+    When the head is only part of the body, ext_proc passes it on down the filter chain before
+    it applies the processor's clear_route_cache, so the router would still see this route. The
+    reroute filter, after ext_proc and enabled only here, clears the route cache itself, and the
+    router then finds the backend route the processor's routing header names.
+    """
+    return {
+        "name": "upload" + path.replace("/", "_"),
+        "match": {"path": path},
+        "direct_response": {"status": 404},  # only if the processor did not route it
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_proc": {
+                "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {"processing_mode": {"request_body_mode": "BUFFERED_PARTIAL"}},
+            },
+            REROUTE_FILTER: {
+                "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                "source_code": {"inline_string": _REROUTE_LUA},
+            },
+            **(_lua_off() if cfg.metering.enabled else {}),  # the stream meter: not a stream
+        },
+    }
+
+
+_REROUTE_LUA = "function envoy_on_request(handle) handle:clearRouteCache() end"
+
+
+def _reroute_filter() -> dict[str, Any]:
+    """Off by default; the upload routes turn it on with their script (see _upload_route)."""
+    return {
+        "name": REROUTE_FILTER,
+        "disabled": True,
+        "typed_config": {"@type": _T + "envoy.extensions.filters.http.lua.v3.Lua"},
+    }
+
+
 def _backend_route(b: Backend, header_value: str) -> dict[str, Any]:
     return {
         "name": f"to_{header_value}",
@@ -318,12 +374,7 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
         for value, lua_on in ((stream_route_value(b.name), True), (b.name, False)):
             route = _backend_route(b, value)
             if cfg.metering.enabled and not lua_on:
-                route["typed_per_filter_config"] = {
-                    "envoy.filters.http.lua": {
-                        "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
-                        "disabled": True,
-                    }
-                }
+                route["typed_per_filter_config"] = _lua_off()
             routes.append(route)
     # Answered by the processor from the config; never forwarded.
     routes.append(
@@ -337,6 +388,8 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
             "typed_per_filter_config": _headers_only(),
         }
     )
+    # Multipart uploads (see _upload_route).
+    routes += [_upload_route(path, cfg) for path in UPLOAD_PATHS]
     # Everything else: the processor answers (401/404/...) or sets the routing header.
     routes.append(
         {"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 404}}
@@ -463,6 +516,7 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         "http_filters": [
             *([_lua_filter()] if metered else []),
             _ext_proc_filter(cfg),
+            _reroute_filter(),
             *(_metering_filters() if metered else []),
             {
                 "name": "envoy.filters.http.router",

@@ -20,6 +20,7 @@ class Operation:
     name: str
     model_kind: str
     validate: Callable[[dict[str, Any]], bool]  # raises GatewayError; returns the stream flag
+    upload: bool = False  # multipart/form-data: the processor sees only the head (media.py)
 
 
 CHAT = Operation("chat", "chat", validation.chat)
@@ -27,6 +28,9 @@ COMPLETIONS = Operation("completions", "chat", validation.completions)
 EMBEDDINGS = Operation("embeddings", "embedding", validation.embeddings)
 RERANK = Operation("rerank", "rerank", validation.rerank)
 CLASSIFY = Operation("classify", "classify", validation.classify)
+TRANSCRIPTION = Operation("transcription", "transcription", validation.transcription, upload=True)
+SPEECH = Operation("speech", "speech", validation.speech)
+IMAGES = Operation("images", "image", validation.images)
 
 POST_OPERATIONS: dict[str, Operation] = {
     "/v1/chat/completions": CHAT,
@@ -34,7 +38,11 @@ POST_OPERATIONS: dict[str, Operation] = {
     "/v1/embeddings": EMBEDDINGS,
     "/v1/rerank": RERANK,
     "/v1/classify": CLASSIFY,
+    "/v1/audio/transcriptions": TRANSCRIPTION,
+    "/v1/audio/speech": SPEECH,
+    "/v1/images/generations": IMAGES,
 }
+UPLOAD_PATHS = tuple(path for path, op in POST_OPERATIONS.items() if op.upload)
 MODELS_PATH = "/v1/models"
 
 

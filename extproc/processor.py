@@ -40,6 +40,7 @@ from .config import Backend, GatewayConfig, Model
 from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
 from .errors import GatewayError
 from .ledger import Reservation
+from .media import FormUpload
 from .metering import GENERATIVE, Meter, rate_headers, settled_headers
 from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
@@ -89,6 +90,7 @@ class RequestState:
         "timeout_s",
         "trace",
         "translator",
+        "upload",
         "usage",
     )
 
@@ -115,6 +117,7 @@ class RequestState:
         self.path = ""  # the client's path, without the query
         self.timeout_s: float | None = None  # X-Request-Timeout
         self.defer_settle = False  # settle once the translator has read usage from the body
+        self.upload: FormUpload | None = None  # a multipart upload (only its head is seen)
 
     def id_headers(self) -> list[tuple[str, str]]:
         """The request id (and why it was replaced) for a response the processor shapes."""
@@ -142,6 +145,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.account_api = account_api
         self.catalog = ModelCatalog(cfg)
         self.max_body = cfg.listener.max_request_body_bytes
+        self.max_upload = cfg.listener.max_upload_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
 
@@ -282,7 +286,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if msg.end_of_stream:
                 raise _NO_BODY
             length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
+            if op.upload:  # the processor gets the head of the form (Envoy's upload route)
+                st.upload = FormUpload.from_headers(headers, self.max_upload)
+            elif length is not None and length.isdigit() and int(length) > self.max_body:
                 raise GatewayError(
                     "request_too_large",
                     f"The request body is {length} bytes; the limit is {self.max_body}.",
@@ -317,16 +323,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if op is None or st.principal is None:  # a body on a route the headers phase refused
             raise GatewayError("not_found", "Unknown path.")
         raw = req.request_body.body
-        if len(raw) > self.max_body:
-            raise GatewayError(
-                "request_too_large",
-                f"The request body is {len(raw)} bytes; the limit is {self.max_body}.",
-            )
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise MALFORMED_JSON from None
-        json_object(body)
+        if st.upload is not None:  # the form's text fields, from the head of the body
+            body = st.upload.parse_head(raw, req.request_body.end_of_stream)
+        else:
+            if len(raw) > self.max_body:
+                raise GatewayError(
+                    "request_too_large",
+                    f"The request body is {len(raw)} bytes; the limit is {self.max_body}.",
+                )
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise MALFORMED_JSON from None
+            json_object(body)
         model_id = require_model(body)
         stream = op.validate(body)
         model = self.cfg.models_by_id.get(model_id)
@@ -427,10 +436,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             ms = int(min(st.timeout_s, st.backend.request_timeout_s) * 1000)
             pairs.append(("x-envoy-upstream-rq-timeout-ms", str(max(ms, 1))))
         new_body = None
-        if changed:
+        remove: tuple[str, ...] = ()
+        if changed and st.upload is not None:  # the head of the form, rewritten: Envoy ignores
+            new_body = st.upload.encode(body)  # a new Content-Length in this body mode, so the
+            remove = ("content-length",)  # rest goes chunked
+        elif changed:
             new_body = orjson.dumps(body)
             pairs.append(("content-length", str(len(new_body))))
-        return m.request_body_response(m.set_headers(pairs), new_body, True, metadata)
+        # An upload's route is cleared by Envoy's reroute filter instead (envoy_config: ext_proc
+        # would clear it after the head has gone on, under the router's feet).
+        clear = st.upload is None
+        return m.request_body_response(m.set_headers(pairs, remove), new_body, clear, metadata)
 
     async def _void(self, st: RequestState, reason: str) -> None:
         st.settled = True
@@ -464,6 +480,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 fm = req.metadata_context.filter_metadata
                 if USAGE_NS in fm:
                     st.usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
+                if status < 400 and translator.usage is not None:  # known from the request
+                    st.usage = dict(translator.usage)  # (speech, images)
                 if wants_body and status < 400 and not sse:
                     st.defer_settle = True  # the translator reads usage from the body (TGI, TEI)
                 else:
@@ -520,6 +538,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             pairs = self._settle(st, st.status)
         if out is not None:
             pairs.append(("content-length", str(len(out))))
+            if translator.content_type is not None:  # e.g. a transcript rendered as text
+                pairs.append(("content-type", translator.content_type))
         return m.response_body_response(out, m.set_headers(pairs) if pairs else None)
 
 

@@ -7,8 +7,10 @@ that to the gateway's shape. Each failure names the offending ``param``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from .config import MAX_IMAGES, MAX_SPEECH_CHARACTERS
 from .errors import GatewayError, invalid
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
@@ -195,3 +197,93 @@ MALFORMED_JSON = GatewayError(
     "invalid_request_error",
     "The request body is not valid JSON.",
 )
+
+
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+IMAGE_FORMATS = ("url", "b64_json")
+_SIZE = re.compile(r"[1-9][0-9]{0,4}x[1-9][0-9]{0,4}")
+
+
+def _one_of(body: dict[str, Any], name: str, allowed: tuple[str, ...]) -> None:
+    value = body.get(name)
+    if value is not None and value not in allowed:
+        raise invalid(
+            f"'{name}' must be one of {', '.join(allowed)}, got {str(value)[:40]!r}.", name
+        )
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, str):  # a form field
+        try:
+            value = float(value)
+        except ValueError:
+            raise invalid(f"'{name}' must be a number, got {value[:40]!r}.", name) from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise invalid(f"'{name}' must be a number from {low:g} to {high:g}.", name)
+
+
+def transcription(fields: dict[str, Any]) -> bool:
+    """``/v1/audio/transcriptions`` form fields (all strings; the file is checked by
+    :class:`extproc.media.FormUpload`); never a stream here."""
+    _one_of(fields, "response_format", TRANSCRIPT_FORMATS)
+    _number(fields, "temperature", 0, 1)
+    if fields.get("stream", "false").lower() not in ("false", "0", ""):
+        raise invalid("Streamed transcriptions are not supported by this gateway.", "stream")
+    return False
+
+
+def speech(body: dict[str, Any]) -> bool:
+    """``/v1/audio/speech``: ``input`` (1 to 4096 characters), ``voice``, ``response_format``,
+    ``speed``; the audio comes back as raw bytes, never as SSE events."""
+    text = body.get("input")
+    if text is None:
+        raise invalid("Missing required parameter: 'input'.", "input")
+    if not isinstance(text, str):
+        raise invalid(f"'input' must be a string, got {_type_name(text)}.", "input")
+    if not text:
+        raise invalid("'input' must not be empty.", "input")
+    if len(text) > MAX_SPEECH_CHARACTERS:
+        raise invalid(
+            f"'input' is {len(text)} characters; the limit is {MAX_SPEECH_CHARACTERS}.", "input"
+        )
+    voice = body.get("voice")
+    if voice is None:
+        raise invalid("Missing required parameter: 'voice'.", "voice")
+    if not (isinstance(voice, str) and voice) and not isinstance(voice, dict):
+        raise invalid("'voice' must be a voice name or a voice object.", "voice")
+    _one_of(body, "response_format", SPEECH_FORMATS)
+    _number(body, "speed", 0.25, 4.0)
+    if body.get("stream_format") not in (None, "audio"):
+        raise invalid("Only stream_format 'audio' (raw bytes) is supported.", "stream_format")
+    return False
+
+
+def images(body: dict[str, Any]) -> bool:
+    """``/v1/images/generations``: ``prompt``, ``n`` (1-10), ``size`` (``auto`` or ``WxH``; which
+    sizes a model makes is the backend's to say), ``response_format`` (``url``, ``b64_json``)."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise invalid("Missing required parameter: 'prompt'.", "prompt")
+    if not isinstance(prompt, str):
+        raise invalid(f"'prompt' must be a string, got {_type_name(prompt)}.", "prompt")
+    if not prompt:
+        raise invalid("'prompt' must not be empty.", "prompt")
+    n = body.get("n")
+    if n is not None and (
+        isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES
+    ):
+        raise invalid(f"'n' must be an integer from 1 to {MAX_IMAGES}.", "n")
+    size = body.get("size")
+    if (
+        size is not None
+        and size != "auto"
+        and not (isinstance(size, str) and _SIZE.fullmatch(size))
+    ):
+        raise invalid(f"'size' must be 'auto' or WIDTHxHEIGHT, got {str(size)[:40]!r}.", "size")
+    _one_of(body, "response_format", IMAGE_FORMATS)
+    _no_stream(body, "Image generations")
+    return False
