@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import orjson
 
 from . import validation
-from .config import GatewayConfig, Model
+from .config import MEDIA_BACKENDS, GatewayConfig, Model
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,7 @@ POST_OPERATIONS: dict[str, Operation] = {
     "/v1/audio/speech": SPEECH,
     "/v1/images/generations": IMAGES,
 }
+MEDIA_PATHS = tuple(p for p, op in POST_OPERATIONS.items() if op.model_kind in MEDIA_BACKENDS)
 UPLOAD_PATHS = tuple(path for path, op in POST_OPERATIONS.items() if op.upload)
 MODELS_PATH = "/v1/models"
 
