@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from backends.http import ServerThread
 from backends.__main__ import build_parser
+from backends.http import ServerThread
 from backends.openai_media import MultipartSink, OpenAIConfig, build_app, config_from_args
 from backends.process import SimulatorProcess
 
