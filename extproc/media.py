@@ -9,8 +9,8 @@ formula (``ceil(units x price_per_1m / 1e6) + per_request``) prices them; the le
 =====================  ==============  ====================================================
 endpoint               unit            reserved (worst case)  ->  settled
 =====================  ==============  ====================================================
-audio/transcriptions   audio_seconds   ``max_audio_seconds`` of the model -> the backend's
-                                       ``duration`` rounded up, at most that cap
+audio/transcriptions,  audio_seconds   ``max_audio_seconds`` of the model -> the backend's
+audio/translations                     ``duration`` rounded up, at most that cap
 audio/speech           characters      ``len(input)`` -> the same (known before the backend
                                        runs)
 images/generations     images          ``n`` -> ``n``
@@ -18,12 +18,13 @@ images/generations     images          ``n`` -> ``n``
 
 plus ``per_request`` on each. A transcription model priced only per request is never read back.
 
-Uploads. ``POST /v1/audio/transcriptions`` is ``multipart/form-data``. On the request headers the
-processor asks Envoy (``mode_override``) for ``BUFFERED_PARTIAL``: Envoy sends the body whole if
-it fits its buffer limit (the listener's ``per_connection_buffer_limit_bytes``, at least 1 MiB),
-else only the first buffer-full, and streams everything after that to the backend without the
-processor. The form's text fields must therefore come before the file (every OpenAI SDK sends
-them first); :class:`FormUpload` parses that head, and can rewrite a field in it.
+Uploads. ``POST /v1/audio/transcriptions`` and ``/v1/audio/translations`` are
+``multipart/form-data``. Their Envoy route (``envoy_config._media_route``) sets ext_proc's request
+body mode to ``BUFFERED_PARTIAL``: Envoy sends the body whole if it fits its buffer limit (the
+listener's ``per_connection_buffer_limit_bytes``, at least 1 MiB), else only its head, and
+streams everything after that to the backend without the processor. The form's text fields must
+therefore come before the file (every OpenAI SDK sends them first); :class:`FormUpload` parses
+that head, and can rewrite a field in it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .money import MICRO, Price
 # operation name -> what its ledger entries count
 UNITS: dict[str, str] = {
     "transcription": "audio_seconds",
+    "translation": "audio_seconds",
     "speech": "characters",
     "images": "images",
 }
@@ -58,7 +60,7 @@ def metered_price(model: Model) -> Price:
 
 def reserved_units(op: str, model: Model, body: Mapping[str, Any]) -> int:
     """The units a media request reserves: its worst case (see the table above)."""
-    if op == "transcription":
+    if UNITS[op] == "audio_seconds":  # transcriptions and translations
         return model.max_audio_seconds if model.price.per_audio_second else 0
     if op == "speech":
         return len(body["input"])

@@ -29,6 +29,7 @@ EMBEDDINGS = Operation("embeddings", "embedding", validation.embeddings)
 RERANK = Operation("rerank", "rerank", validation.rerank)
 CLASSIFY = Operation("classify", "classify", validation.classify)
 TRANSCRIPTION = Operation("transcription", "transcription", validation.transcription, upload=True)
+TRANSLATION = Operation("translation", "transcription", validation.transcription, upload=True)
 SPEECH = Operation("speech", "speech", validation.speech)
 IMAGES = Operation("images", "image", validation.images)
 
@@ -39,6 +40,7 @@ POST_OPERATIONS: dict[str, Operation] = {
     "/v1/rerank": RERANK,
     "/v1/classify": CLASSIFY,
     "/v1/audio/transcriptions": TRANSCRIPTION,
+    "/v1/audio/translations": TRANSLATION,
     "/v1/audio/speech": SPEECH,
     "/v1/images/generations": IMAGES,
 }

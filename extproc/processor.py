@@ -15,6 +15,12 @@ response body          only on request: error normalization or per-event rewriti
 
 So a non-streaming request costs 3 messages and a stream from an OpenAI-speaking backend costs
 the same 3, with no message per chunk. The common answers are built once and reused.
+
+Audio and images (``media.py``): speech and image generations cost 3 (charged by what the
+request says; the audio or images never pass the processor); a transcription costs 3 when its
+model is priced per request and 4 when per audio second (the transcript is read for its
+duration). Of an upload the request-body message carries only the head of the form, whole only
+when it fits Envoy's buffer limit; the rest streams to the backend.
 """
 
 from __future__ import annotations

@@ -201,6 +201,21 @@ def test_transcription_formats(
     assert _debit(gw, raw.headers["x-request-id"])["tokens_in"] == 4  # 3.0 s + header: 4
 
 
+def test_translation_is_metered_like_a_transcription(gw: Gateway) -> None:
+    # (the SDK marks audio.translations deprecated, so plain HTTP)
+    r = httpx.post(
+        gw.v1 + "/audio/translations",
+        headers={"Authorization": f"Bearer {gw.key}"},
+        data={"model": "whisper-1"},
+        files={"file": ("a.wav", wav(2.0))},
+    )
+    assert r.status_code == 200 and r.json()["text"]
+    rid = r.headers["x-request-id"]
+    assert _sim_record(gw, rid)["path"] == "/v1/audio/translations"
+    entry = _debit(gw, rid)
+    assert (entry["unit"], entry["tokens_in"]) == ("audio_seconds", 3)  # 2.0 s + header: 3
+
+
 def test_a_10mb_upload_passes_without_the_processor_reading_it(
     gw: Gateway, sdk: openai.OpenAI
 ) -> None:

@@ -1,5 +1,6 @@
-"""OpenAI media API (audio transcriptions, speech, image generations) -> an OpenAI-compatible
-media backend (OpenAI itself, the ``openai`` simulator, vLLM for transcriptions) and back.
+"""OpenAI media API (audio transcriptions and translations, speech, image generations) -> an
+OpenAI-compatible media backend (OpenAI itself, the ``openai`` simulator, vLLM for
+transcriptions) and back.
 
 The schemas match, so requests and answers pass through; the translator only steps in for:
 
@@ -60,7 +61,7 @@ class OpenAIMedia:
         changed = model.aliased
         if changed:
             body["model"] = model.backend_model
-        if op == "transcription" and model.price.per_audio_second:
+        if model.kind == "transcription" and model.price.per_audio_second:
             self._timed = True
             fmt = body.get("response_format") or "json"
             if fmt != "verbose_json":
