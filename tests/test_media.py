@@ -4,13 +4,15 @@ validation, and the config rules for media models."""
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from extproc import validation
-from extproc.config import ConfigError, Model, parse_config
+from extproc.config import ConfigError, Model, load_config, parse_config
 from extproc.errors import GatewayError
 from extproc.media import FormUpload, audio_seconds, metered_price, reserved_units
 from extproc.money import Price
@@ -246,3 +248,13 @@ def test_media_config_errors(model: int, field: dict[str, Any], problem: str) ->
     with pytest.raises(ConfigError) as exc:
         parse_config(data)
     assert exc.value.path.startswith(f"models[{model}]") and problem in str(exc.value)
+
+
+def test_the_samples_commented_media_example_is_valid(tmp_path: Path) -> None:
+    sample = (Path(__file__).resolve().parent.parent / "tollgate.yaml").read_text()
+    live = re.sub(r"(?m)^  # (- |  )", r"  \1", sample)
+    assert live != sample
+    (tmp_path / "tollgate.yaml").write_text(live)
+    cfg = load_config(tmp_path / "tollgate.yaml")
+    kinds = {m.kind for m in cfg.models if m.backend == "openai-media"}
+    assert kinds == {"transcription", "speech", "image"}
