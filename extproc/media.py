@@ -30,6 +30,8 @@ that head, and can rewrite a field in it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 from typing import Any
 
 from .config import Model
@@ -75,18 +77,16 @@ def audio_seconds(model: Model, duration: float) -> int:
 # --------------------------------------------------------------------------- multipart
 
 
-def _params(value: str) -> tuple[str, dict[str, str]]:
-    """``form-data; name="file"; filename="a.wav"`` -> (``form-data``, {name, filename})."""
-    kind, *rest = value.split(";")
-    params: dict[str, str] = {}
-    for part in rest:
-        key, sep, val = part.strip().partition("=")
-        if sep:
-            val = val.strip()
-            if len(val) >= 2 and val[0] == val[-1] == '"':
-                val = val[1:-1].replace('\\"', '"')
-            params[key.strip().lower()] = val
-    return kind.strip().lower(), params
+def _header(name: str, value: str) -> Message:
+    """One MIME header, for the stdlib to read its parameters (quoted, RFC 2231)."""
+    message = Message()
+    message[name] = value
+    return message
+
+
+def _param(header: Message, name: str, where: str = "content-type") -> str | None:
+    value = header.get_param(name, header=where)
+    return None if value is None else collapse_rfc2231_value(value)
 
 
 class FormUpload:
@@ -109,9 +109,9 @@ class FormUpload:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str], max_bytes: int) -> FormUpload:
-        kind, params = _params(headers.get("content-type", ""))
-        boundary = params.get("boundary", "")
-        if kind != "multipart/form-data" or not 0 < len(boundary) <= 70:
+        content_type = _header("content-type", headers.get("content-type", ""))
+        boundary = _param(content_type, "boundary") or ""
+        if content_type.get_content_type() != "multipart/form-data" or not 0 < len(boundary) <= 70:
             raise invalid(
                 "This endpoint takes multipart/form-data (a 'file' and a 'model' field).", "file"
             )
@@ -152,8 +152,9 @@ class FormUpload:
             for line in raw[at + 2 : head_end].split(b"\r\n"):
                 key, _, value = line.decode("utf-8", "replace").partition(":")
                 if key.strip().lower() == "content-disposition":
-                    _, params = _params(value)
-                    name, filename = params.get("name", ""), params.get("filename")
+                    disposition = _header(key, value)
+                    name = _param(disposition, "name", "content-disposition") or ""
+                    filename = _param(disposition, "filename", "content-disposition")
             start = head_end + 4
             end = raw.find(b"\r\n" + delim, start)
             if filename is not None:

@@ -38,6 +38,18 @@ def require_model(body: dict[str, Any]) -> str:
     return model
 
 
+def _text(body: dict[str, Any], name: str) -> str:
+    """A required, non-empty string field."""
+    value = body.get(name)
+    if value is None:
+        raise invalid(f"Missing required parameter: '{name}'.", name)
+    if not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string, got {_type_name(value)}.", name)
+    if not value:
+        raise invalid(f"'{name}' must not be empty.", name)
+    return value
+
+
 def stream_flag(body: dict[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is None:
@@ -130,13 +142,7 @@ def _no_stream(body: dict[str, Any], what: str) -> None:
 
 def rerank(body: dict[str, Any]) -> bool:
     """Rerank (Cohere/Jina style: query, documents, top_n, return_documents); never a stream."""
-    query = body.get("query")
-    if query is None:
-        raise invalid("Missing required parameter: 'query'.", "query")
-    if not isinstance(query, str):
-        raise invalid(f"'query' must be a string, got {_type_name(query)}.", "query")
-    if not query:
-        raise invalid("'query' must not be empty.", "query")
+    _text(body, "query")
     documents = body.get("documents")
     if documents is None:
         raise invalid("Missing required parameter: 'documents'.", "documents")
@@ -239,13 +245,7 @@ def transcription(fields: dict[str, Any]) -> bool:
 def speech(body: dict[str, Any]) -> bool:
     """``/v1/audio/speech``: ``input`` (1 to 4096 characters), ``voice``, ``response_format``,
     ``speed``; the audio comes back as raw bytes, never as SSE events."""
-    text = body.get("input")
-    if text is None:
-        raise invalid("Missing required parameter: 'input'.", "input")
-    if not isinstance(text, str):
-        raise invalid(f"'input' must be a string, got {_type_name(text)}.", "input")
-    if not text:
-        raise invalid("'input' must not be empty.", "input")
+    text = _text(body, "input")
     if len(text) > MAX_SPEECH_CHARACTERS:
         raise invalid(
             f"'input' is {len(text)} characters; the limit is {MAX_SPEECH_CHARACTERS}.", "input"
@@ -265,13 +265,7 @@ def speech(body: dict[str, Any]) -> bool:
 def images(body: dict[str, Any]) -> bool:
     """``/v1/images/generations``: ``prompt``, ``n`` (1-10), ``size`` (``auto`` or ``WxH``; which
     sizes a model makes is the backend's to say), ``response_format`` (``url``, ``b64_json``)."""
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise invalid("Missing required parameter: 'prompt'.", "prompt")
-    if not isinstance(prompt, str):
-        raise invalid(f"'prompt' must be a string, got {_type_name(prompt)}.", "prompt")
-    if not prompt:
-        raise invalid("'prompt' must not be empty.", "prompt")
+    _text(body, "prompt")
     n = body.get("n")
     if n is not None and (
         isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES

@@ -9,7 +9,6 @@ import hashlib
 import io
 import os
 import socket
-import struct
 import time
 import wave
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ import openai
 import pytest
 
 from extproc.money import format_credits
+from tests.backends.test_openai_media_sim import png_size
+from tests.backends.test_openai_media_sim import wav_upload as wav
 from tests.harness import Gateway, base_config, free_port_block, start_gateway
 
 WHISPER = {"per_audio_second": "0.0001", "per_request": "0.001"}  # 100 µcr a second + 1000
@@ -89,16 +90,6 @@ def _wait_healthy(g: Gateway) -> None:
 @pytest.fixture()
 def sdk(gw: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.v1, api_key=gw.key, max_retries=0, timeout=60)
-
-
-def wav(seconds: float) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(bytes(int(seconds * 16000) * 2))
-    return buf.getvalue()
 
 
 def _entries(gw: Gateway, rid: str, want: int = 1) -> list[dict[str, Any]]:
@@ -399,11 +390,6 @@ def test_speech_bad_inputs(gw: Gateway) -> None:
 # ------------------------------------------------------------------ images
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", data[16:24])
-
-
 def test_images_url_and_b64_charged_per_image(gw: Gateway, sdk: openai.OpenAI) -> None:
     raw = sdk.images.with_raw_response.generate(
         model="dall-e-2", prompt="a red fox", n=3, size="256x256"
@@ -411,7 +397,7 @@ def test_images_url_and_b64_charged_per_image(gw: Gateway, sdk: openai.OpenAI) -
     urls = [d.url for d in raw.parse().data]
     assert len(urls) == 3 and all(urls)
     png = httpx.get(urls[0]).content  # the image host, not the gateway
-    assert _png_size(png) == (256, 256)
+    assert png_size(png) == (256, 256)
     rid = raw.headers["x-request-id"]
     assert raw.headers["x-credits-used"] == "0.06"
     entry = _debit(gw, rid)
@@ -424,7 +410,7 @@ def test_images_url_and_b64_charged_per_image(gw: Gateway, sdk: openai.OpenAI) -
     s1, m1, _ = _ext_proc_counts(gw)
     assert (s1 - s0, m1 - m0) == (1, 3)
     images = [base64.b64decode(d.b64_json) for d in b64.parse().data]
-    assert [_png_size(p) for p in images] == [(512, 512), (512, 512)]
+    assert [png_size(p) for p in images] == [(512, 512), (512, 512)]
     assert b64.headers["x-credits-used"] == "0.04"
     assert _debit(gw, b64.headers["x-request-id"])["tokens_in"] == 2
 
@@ -445,7 +431,7 @@ def test_photo_sized_images_pass_through(gw: Gateway, sdk: openai.OpenAI) -> Non
         extra_headers={"x-sim-image-noise": "1"},
     )
     assert len(raw.content) > 2 * 1024 * 1024
-    assert [_png_size(base64.b64decode(d.b64_json)) for d in raw.parse().data] == [(512, 512)] * 2
+    assert [png_size(base64.b64decode(d.b64_json)) for d in raw.parse().data] == [(512, 512)] * 2
     assert raw.headers["x-credits-used"] == "0.04"
 
 

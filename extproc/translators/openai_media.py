@@ -25,9 +25,8 @@ import orjson
 import structlog
 
 from ..config import Model
-from ..errors import GatewayError
 from ..media import audio_seconds, reserved_units
-from .errors_map import client_status, normalize_error
+from .openai_vllm import OpenAIToVLLM
 
 log = structlog.get_logger("tollgate.media")
 
@@ -40,27 +39,23 @@ _TRANSCRIPT_TYPES = {
 }
 
 
-class OpenAIMedia:
-    __slots__ = ("_model", "_render", "_timed", "content_type", "usage")
+class OpenAIMedia(OpenAIToVLLM):
+    """The OpenAI pass-through (paths, statuses, errors and the alias on the request are its),
+    plus what metering media needs; answers are never rewritten for the alias."""
 
-    dropped: list[str] = []  # nothing is ever dropped (shared, never mutated)
+    __slots__ = ("_render", "_timed", "content_type", "usage")
 
     def __init__(self, model: Model, request_id: str = "") -> None:
-        self._model = model
+        super().__init__(model, request_id)
         self._timed = False  # the answer is read for its duration (per-second pricing)
         self._render: str | None = None  # the client's format, rendered from verbose_json
         self.usage: dict[str, int] | None = None
         self.content_type: str | None = None
 
     # ------------------------------------------------------------------ request
-    def backend_path(self, op: str, path: str) -> str | None:
-        return None
-
     def request(self, op: str, body: dict[str, Any], stream: bool) -> bool:
         model = self._model
-        changed = model.aliased
-        if changed:
-            body["model"] = model.backend_model
+        changed = super().request(op, body, stream)  # the model alias
         if model.kind == "transcription" and model.price.per_audio_second:
             self._timed = True
             fmt = body.get("response_format") or "json"
@@ -74,12 +69,6 @@ class OpenAIMedia:
         return changed
 
     # ----------------------------------------------------------------- response
-    def response_headers(self, status: int, headers: dict[str, str]) -> None:
-        return None
-
-    def response_status(self, status: int) -> int | None:
-        return client_status(status)
-
     def wants_response_body(self, status: int, content_type: str) -> bool:
         return status >= 400 or self._timed
 
@@ -106,10 +95,6 @@ class OpenAIMedia:
         if fmt == "text":
             return str(text).encode()
         return subtitles(data.get("segments") or [], fmt).encode()
-
-    # ------------------------------------------------------------------- errors
-    def error(self, status: int, body: bytes) -> GatewayError:
-        return normalize_error(status, body)
 
 
 def _timestamp(seconds: float, sep: str) -> str:
