@@ -12,6 +12,9 @@ Shape of what Envoy does for the processor (see README, "Request path"):
   cache; one route per backend matches that header and carries the backend's timeout and retry
   policy. Requests without the header fall through to a 404 that only an unauthenticated or
   unknown path can reach (the processor answers those itself).
+* Audio and images: one route per media path, matched before the processor routes the request,
+  leaves the usage filters out of its filter chain; uploads (transcriptions) send the processor
+  only the head of the body (``_media_route``).
 * One cluster per backend: health checks, circuit breaker at ``max_concurrent_requests``,
   outlier detection; one HTTP/2 cluster listing every processor worker.
 * ``local_reply_config`` renders Envoy's own errors in the gateway's JSON shape
