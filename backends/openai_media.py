@@ -23,7 +23,8 @@ API reference (``shared/reference/backends.md`` section 4). What it reproduces:
   -> ``{"created", "data": [{"url"} | {"b64_json"}]}`` (``revised_prompt`` for dall-e-3;
   gpt-image-* always answer ``b64_json`` and add ``usage``). Images are real PNGs of the
   requested size in one colour derived from the prompt; URLs point back at this server
-  (``GET /sim/images/<W>x<H>-<rrggbb>.png``);
+  (``GET /sim/images/<W>x<H>-<rrggbb>.png``, on the server's own address when started with a
+  fixed ``--port``, as OpenAI's URLs are on its storage host whoever relayed the request);
 * ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` are served by an
   embedded vLLM personality (:mod:`backends.vllm`, so bodies carry vLLM's extra fields and
   *its* error shape), behind this server's auth and error injection;
@@ -39,9 +40,10 @@ Knobs (request headers): ``x-sim-ttft-ms`` (processing time before the answer / 
 first audio chunk), ``x-sim-itl-ms`` (pause between audio chunks), ``x-sim-output-tokens``
 (transcript length in words), ``x-sim-error: <status>`` (answer that OpenAI-style error),
 ``x-sim-error-after: <n>`` (speech: cut the audio stream after n chunks without its
-terminating chunk; other routes: a 500 after the processing time). ``/sim/requests``
-records multipart uploads as ``{"fields": {...}, "files": {"file": {"filename",
-"content_type", "size", "sha256"}}}``.
+terminating chunk; other routes: a 500 after the processing time), ``x-sim-image-noise: 1``
+(``b64_json`` images of random pixels, as large as real photos, instead of one colour).
+``/sim/requests`` records multipart uploads as ``{"fields": {...}, "files": {"file":
+{"filename", "content_type", "size", "sha256"}}}``.
 
 Deliberately not reproduced: real speech or images, ``stream`` transcriptions and SSE
 speech (``stream_format``), image edits/variations, the Responses and Realtime APIs, rate
@@ -57,6 +59,7 @@ import base64
 import hashlib
 import math
 import os
+import random
 import struct
 import time
 import zlib
@@ -131,6 +134,9 @@ class OpenAIConfig:
     keep_alive_timeout: float = 5.0
     pod_name: str | None = None
     history: int = 200
+    # Where image URLs point (``http://host:port``). OpenAI's URLs are on its own storage host,
+    # whoever the client talked to; when unset, the request's Host header is used.
+    image_base_url: str | None = None
 
 
 # --- errors --------------------------------------------------------------------------
@@ -503,12 +509,22 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_bytes(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
     """A valid ``width`` x ``height`` RGB PNG in one colour."""
     row = b"\x00" + bytes(rgb) * width
-    raw = zlib.compress(row * height, 9)
+    return _png(width, height, zlib.compress(row * height, 9))
+
+
+def noisy_png(width: int, height: int, seed: int) -> bytes:
+    """A valid PNG of random pixels: about 3 bytes a pixel, the size of a real photo's."""
+    rng = random.Random(seed)
+    rows = b"".join(b"\x00" + rng.randbytes(width * 3) for _ in range(height))
+    return _png(width, height, zlib.compress(rows, 1))
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", raw)
+        + _png_chunk(b"IDAT", idat)
         + _png_chunk(b"IEND", b"")
     )
 
@@ -892,12 +908,17 @@ class OpenAIMediaSimulator(SimControl):
             rgb = _colour(f"{prompt}\x00{i}")
             item: dict[str, Any]
             if fmt == "b64_json":
-                png = png_bytes(width, height, rgb)
+                if req.headers.get("x-sim-image-noise") == "1":  # photo-sized answers
+                    png = noisy_png(width, height, int.from_bytes(bytes(rgb), "big"))
+                else:
+                    png = png_bytes(width, height, rgb)
                 item = {"b64_json": base64.b64encode(png).decode("ascii")}
             else:
-                host = req.headers.get("host", "127.0.0.1")
+                base = self.config.image_base_url
+                if base is None:
+                    base = "http://" + req.headers.get("host", "127.0.0.1")
                 name = f"{width}x{height}-{bytes(rgb).hex()}.png"
-                item = {"url": f"http://{host}/sim/images/{name}"}
+                item = {"url": f"{base}/sim/images/{name}"}
             if model == "dall-e-3":
                 item["revised_prompt"] = prompt
             data.append(item)
@@ -1037,6 +1058,8 @@ def config_from_args(args: argparse.Namespace) -> OpenAIConfig:
         api_key=args.api_key,
         max_upload_bytes=args.max_upload_bytes,
         embedding_dim=args.embedding_dim,
+        # a fixed port: image URLs point here even when clients reach the server through a proxy
+        image_base_url=f"http://{args.host}:{args.port}" if args.port else None,
     )
 
 

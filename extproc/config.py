@@ -21,7 +21,19 @@ import yaml
 from .money import FREE_PRICE, Price, parse_credits
 
 BACKEND_KINDS = ("vllm", "tgi", "tei", "openai")
-MODEL_KINDS = ("chat", "embedding", "rerank", "classify")
+MODEL_KINDS = ("chat", "embedding", "rerank", "classify", "transcription", "speech", "image")
+# Media model kinds, the backend kinds that serve them (OpenAI's wire format) and the prices
+# that apply to them (see extproc/media.py for how each is metered).
+MEDIA_BACKENDS: dict[str, tuple[str, ...]] = {
+    "transcription": ("openai", "vllm"),
+    "speech": ("openai",),
+    "image": ("openai",),
+}
+MEDIA_PRICES: dict[str, tuple[str, ...]] = {
+    "transcription": ("per_request", "per_audio_second"),
+    "speech": ("per_request", "per_1m_characters"),
+    "image": ("per_request", "per_image"),
+}
 TGI_MODES = ("native", "messages")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -107,6 +119,7 @@ class Model:
     pricing: Price = FREE_PRICE  # micro-credits; FREE_PRICE with free=True
     free: bool = False
     chat_template: str | None = None  # Jinja; tgi native backends render chats with it
+    max_audio_seconds: int = 3600  # transcription: the most audio one request is charged for
 
     @property
     def price(self) -> Price:
@@ -124,6 +137,7 @@ class Listener:
     host: str = "127.0.0.1"
     port: int = 8080
     max_request_body_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 25 * 1024 * 1024  # multipart uploads (audio transcriptions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +439,14 @@ def _credits(value: Any, path: str) -> int:
 
 def _pricing(data: Any, path: str) -> Price:
     r = _Reader(data, path)
-    fields = ("input_per_1m", "output_per_1m", "per_request", "per_image", "per_audio_second")
+    fields = (
+        "input_per_1m",
+        "output_per_1m",
+        "per_request",
+        "per_image",
+        "per_audio_second",
+        "per_1m_characters",
+    )
     values = {f: _credits(r.get(f), f"{path}.{f}") for f in fields if r.has(f)}
     for f in fields:
         r.get(f)
@@ -467,8 +488,11 @@ def _model(data: Any, path: str, backends: dict[str, Backend]) -> Model:
         pricing=_pricing(r.get("pricing"), f"{path}.pricing") if r.has("pricing") else FREE_PRICE,
         free=r.get("free", False),
         chat_template=r.get("chat_template"),
+        max_audio_seconds=r.int("max_audio_seconds", 3600, low=1, high=7 * 24 * 3600),
     )
     r.done()
+    if kind in MEDIA_BACKENDS:
+        _media_model(model, backends[backend], path)
     if model.chat_template is not None and not (
         isinstance(model.chat_template, str) and model.chat_template.strip()
     ):
@@ -486,6 +510,38 @@ def _model(data: Any, path: str, backends: dict[str, Backend]) -> Model:
     return model
 
 
+def _media_model(model: Model, backend: Backend, path: str) -> None:
+    """A media model: served by a backend speaking OpenAI's media API, priced in its own units,
+    and with a worst-case reservation that integer arithmetic in the store stays exact for."""
+    kind = model.kind
+    if backend.kind not in MEDIA_BACKENDS[kind]:
+        allowed = " or ".join(MEDIA_BACKENDS[kind])
+        raise ConfigError(
+            f"{path}.backend",
+            f"a {kind} model needs a backend of kind {allowed}, not {backend.kind}",
+        )
+    price = model.pricing
+    allowed_prices = MEDIA_PRICES[kind]
+    for name in Price.__slots__:
+        if getattr(price, name) and name not in allowed_prices:
+            raise ConfigError(
+                f"{path}.pricing.{name}",
+                f"does not apply to a {kind} model (use {' and/or '.join(allowed_prices)})",
+            )
+    # The reservation is units x price per unit x 1e6 in the store's Lua (exact below 2^53).
+    worst = {
+        "transcription": model.max_audio_seconds * price.per_audio_second * 1_000_000,
+        "speech": MAX_SPEECH_CHARACTERS * price.per_1m_characters,
+        "image": MAX_IMAGES * price.per_image * 1_000_000,
+    }[kind]
+    if worst >= 2**53:
+        raise ConfigError(f"{path}.pricing", "too large for exact arithmetic; lower the price")
+
+
+MAX_SPEECH_CHARACTERS = 4096  # OpenAI's limit on /v1/audio/speech input
+MAX_IMAGES = 10  # OpenAI's limit on n for /v1/images/generations
+
+
 def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
     """Validate a config mapping (as loaded from YAML) into a GatewayConfig."""
     root = _Reader(data, "")
@@ -494,6 +550,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         host=lr.str("host", "127.0.0.1"),
         port=lr.port("port", 8080),
         max_request_body_bytes=lr.size("max_request_body_bytes", 1024 * 1024),
+        max_upload_bytes=lr.size("max_upload_bytes", 25 * 1024 * 1024),
     )
     lr.done()
     pr = root.child("processor")

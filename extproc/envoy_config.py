@@ -12,6 +12,9 @@ Shape of what Envoy does for the processor (see README, "Request path"):
   cache; one route per backend matches that header and carries the backend's timeout and retry
   policy. Requests without the header fall through to a 404 that only an unauthenticated or
   unknown path can reach (the processor answers those itself).
+* Audio and images: one route per media path, matched before the processor routes the request,
+  leaves the usage filters out of its filter chain; uploads (transcriptions) send the processor
+  only the head of the body (``_media_route``).
 * One cluster per backend: health checks, circuit breaker at ``max_concurrent_requests``,
   outlier detection; one HTTP/2 cluster listing every processor worker.
 * ``local_reply_config`` renders Envoy's own errors in the gateway's JSON shape
@@ -35,10 +38,15 @@ from typing import Any
 import yaml
 
 from .config import Backend, GatewayConfig
-from .dialects import DIALECT_KEY, ENVELOPE, ENVELOPE_PREFIX
+from .dialects import DIALECT_KEY, ENVELOPE, ENVELOPE_PREFIX, ENVELOPE_ROUTES
 from .errors import ENVOY_LOCAL_REPLIES, local_reply_body
+from .operations import MEDIA_PATHS, UPLOAD_PATHS
 
 ROUTE_HEADER = "x-tollgate-backend"
+REROUTE_FILTER = "tollgate.reroute"  # uploads: routes again once the processor has (_media_route)
+_LUA_NAME = "envoy.filters.http.lua"
+_JSON_NAME = "envoy.filters.http.json_to_metadata"
+_SSE_NAME = "envoy.filters.http.sse_to_metadata"
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
 OTLP_CLUSTER = "tollgate_otlp"
@@ -209,7 +217,7 @@ def _metering_filters() -> list[dict[str, Any]]:
     """Usage out of responses, natively: JSON bodies and SSE streams (last value wins)."""
     return [
         {
-            "name": "envoy.filters.http.json_to_metadata",
+            "name": _JSON_NAME,
             "typed_config": {
                 "@type": _T + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
                 "response_rules": {
@@ -219,7 +227,7 @@ def _metering_filters() -> list[dict[str, Any]]:
             },
         },
         {
-            "name": "envoy.filters.http.sse_to_metadata",
+            "name": _SSE_NAME,
             "typed_config": {
                 "@type": _T + "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
                 "response_rules": {
@@ -245,7 +253,7 @@ def _lua_filter() -> dict[str, Any]:
     # ext_proc, its rewritten chunks were lost while ext_proc held the headers).
     code = _LUA.read_text()
     return {
-        "name": "envoy.filters.http.lua",
+        "name": _LUA_NAME,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.lua.v3.Lua",
             "default_source_code": {"inline_string": code},
@@ -292,6 +300,58 @@ def _headers_only() -> dict[str, Any]:
                 }
             },
         }
+    }
+
+
+def _media_route(path: str, upload: bool, cfg: GatewayConfig) -> dict[str, Any]:
+    """Audio and images (``extproc/media.py``), matched by path before the processor routes them.
+
+    Envoy makes a request's filter chain for the route it first matches, so this is where the
+    filters a media answer has no use for are left out: its usage is never read from the answer
+    (the stream meter, json_to_metadata, sse_to_metadata), and json_to_metadata would hold a
+    whole image answer (``b64_json``) in memory, answering 500 for one over the buffer limit.
+
+    Uploads (``upload``): the processor gets the head of the body, Envoy streams the rest to the
+    backend. BUFFERED_PARTIAL is set here, on the route, rather than by a mode override from the
+    processor, so that it already holds while the request headers are with the processor (in
+    the filter's default BUFFERED mode, body arriving meanwhile beyond the buffer limit is
+    refused with 413). Envoy drops Content-Length in this body mode: the upload goes on chunked.
+    When the head is only part of the body, ext_proc passes it on down the filter chain before
+    it would apply the processor's clear_route_cache (and clearing the route then crashed
+    Envoy 1.40), so the processor does not ask for it; the reroute filter, after ext_proc and
+    enabled only here, clears the route cache, and the router finds the backend route the
+    processor's routing header names.
+    """
+    off = {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True}
+    per_filter: dict[str, Any] = {}
+    if cfg.metering.enabled:
+        per_filter = {name: dict(off) for name in (_LUA_NAME, _JSON_NAME, _SSE_NAME)}
+    if upload:
+        per_filter["envoy.filters.http.ext_proc"] = {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {"processing_mode": {"request_body_mode": "BUFFERED_PARTIAL"}},
+        }
+        per_filter[REROUTE_FILTER] = {
+            "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+            "source_code": {"inline_string": _REROUTE_LUA},
+        }
+    return {
+        "name": "media" + path.replace("/", "_"),
+        "match": {"path": path},
+        "direct_response": {"status": 404},  # only if the processor did not route it
+        "typed_per_filter_config": per_filter,
+    }
+
+
+_REROUTE_LUA = "function envoy_on_request(handle) handle:clearRouteCache() end"
+
+
+def _reroute_filter() -> dict[str, Any]:
+    """Off by default; the upload routes turn it on with their script (see _media_route)."""
+    return {
+        "name": REROUTE_FILTER,
+        "disabled": True,
+        "typed_config": {"@type": _T + "envoy.extensions.filters.http.lua.v3.Lua"},
     }
 
 
@@ -358,6 +418,14 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
             "typed_per_filter_config": _headers_only(),
         }
     )
+    # Audio and images (see _media_route).
+    routes += [_media_route(path, path in UPLOAD_PATHS, cfg) for path in MEDIA_PATHS]
+    # the envelope dialect's names for the same operations get the same routes
+    routes += [
+        _media_route(ENVELOPE_PREFIX + name, r.openai_path in UPLOAD_PATHS, cfg)
+        for name, r in ENVELOPE_ROUTES.items()
+        if r.openai_path in MEDIA_PATHS
+    ]
     # Everything else: the processor answers (401/404/...) or sets the routing header.
     routes.append(
         {"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 404}}
@@ -511,6 +579,7 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         "http_filters": [
             *([_lua_filter()] if metered else []),
             _ext_proc_filter(cfg),
+            _reroute_filter(),
             *(_metering_filters() if metered else []),
             {
                 "name": "envoy.filters.http.router",

@@ -56,6 +56,9 @@ class ReserveRequest:
     price: Price
     limits: Limits
     ttl_ms: int  # the reservation's timeout: after it, the sweeper charges the reserved amount
+    # What prompt_tokens count: "tokens", or a media unit ("audio_seconds", "characters",
+    # "images") priced through the price's input_per_1m and kept out of the tokens window.
+    unit: str = "tokens"
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class Reservation:
     pending: int
     available: int
     tokens: int = 0  # prompt estimate + granted: what the reservation counted in the window
+    unit: str = "tokens"  # ReserveRequest.unit
 
     @property
     def ok(self) -> bool:
@@ -139,11 +143,12 @@ class Ledger:
             req.prompt_tokens, requested, req.cap,
             p.input_per_1m, p.output_per_1m, p.per_request,
             req.limits.rpm, req.limits.tpm, req.limits.concurrency,
-            now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash),
+            now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash), req.unit,
         ]  # fmt: skip
         reply = await self._scripts.reserve(keys=keys, args=args)
         res = Reservation(_str(reply[0]), *(int(v) for v in reply[1:12]))
-        res.tokens = req.prompt_tokens + res.granted
+        res.unit = req.unit
+        res.tokens = req.prompt_tokens + res.granted if req.unit == "tokens" else 0
         return res
 
     async def settle(

@@ -43,7 +43,9 @@ def header_map(headers: Iterable[HeaderValue]) -> dict[str, str]:
     return {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers}
 
 
-def set_headers(pairs: Iterable[tuple[str, str | bytes]]) -> HeaderMutation:
+def set_headers(
+    pairs: Iterable[tuple[str, str | bytes]], remove: Iterable[str] = ()
+) -> HeaderMutation:
     return HeaderMutation(
         set_headers=[
             HeaderValueOption(
@@ -51,7 +53,8 @@ def set_headers(pairs: Iterable[tuple[str, str | bytes]]) -> HeaderMutation:
                 append_action=_OVERWRITE,
             )
             for k, v in pairs
-        ]
+        ],
+        remove_headers=list(remove),
     )
 
 

@@ -25,6 +25,7 @@ import structlog
 from .config import GatewayConfig, Model
 from .errors import GatewayError
 from .ledger import Ledger, Reservation, ReserveRequest, Settlement
+from .media import UNITS, metered_price, reserved_units
 from .metrics import Metrics
 from .money import format_credits, token_cost
 from .tokens import estimate_prompt_tokens
@@ -40,7 +41,7 @@ class Meter:
         self.ledger = ledger
         self.metrics = metrics or Metrics()
         self.ttl_ms = int(cfg.metering.reservation_timeout_s * 1000)
-        self.prices = {m.id: m.price for m in cfg.models}
+        self.prices = {m.id: metered_price(m) for m in cfg.models}  # media: per unit (media.py)
         self.default_limits = cfg.metering.default_limits
         self._pending: set[asyncio.Task[Settlement]] = set()
 
@@ -54,7 +55,11 @@ class Meter:
         backend_name: str,
     ) -> Reservation:
         """Reserve, or raise the GatewayError the client gets (402, 429, 400)."""
-        prompt = estimate_prompt_tokens(op, body)
+        unit = UNITS.get(op, "tokens")
+        if unit == "tokens":
+            prompt = estimate_prompt_tokens(op, body)
+        else:  # media: the worst case in its own unit, priced through input_per_1m
+            prompt = reserved_units(op, model, body)
         requested: int | None = None
         if op in GENERATIVE:
             requested = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -89,6 +94,7 @@ class Meter:
                 price=self.prices[model.id],
                 limits=principal.limits or self.default_limits,
                 ttl_ms=self.ttl_ms,
+                unit=unit,
             )
         )
         if res.status == "ok":
@@ -125,10 +131,10 @@ class Meter:
         else:
             p, c = tokens
             due = 0 if status >= 400 and p + c == 0 else token_cost(self.prices[model_id], p, c)
-            used = p + c
+            used = p + c if res.unit == "tokens" else 0
         charged = min(due, max(before, 0))
         self.metrics.credits.inc("settled", amount=charged)
-        if tokens is not None:
+        if tokens is not None and res.unit == "tokens":
             self.metrics.tokens.inc(model_id, "input", amount=tokens[0])
             self.metrics.tokens.inc(model_id, "output", amount=tokens[1])
         tpm_left = res.tpm_remaining + res.tokens - used if res.tpm_limit > 0 else -1

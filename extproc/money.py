@@ -53,13 +53,15 @@ def format_credits(micro: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """A model's price in µcr: per 1M input/output tokens, per request, image, audio second."""
+    """A model's price in µcr: per 1M input/output tokens, per request, image, audio second,
+    per 1M characters of speech input."""
 
     input_per_1m: int = 0
     output_per_1m: int = 0
     per_request: int = 0
     per_image: int = 0
     per_audio_second: int = 0
+    per_1m_characters: int = 0
 
 
 FREE_PRICE = Price()

@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import orjson
 
 from . import validation
-from .config import GatewayConfig, Model
+from .config import MEDIA_BACKENDS, GatewayConfig, Model
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,7 @@ class Operation:
     name: str
     model_kind: str
     validate: Callable[[dict[str, Any]], bool]  # raises GatewayError; returns the stream flag
+    upload: bool = False  # multipart/form-data: the processor sees only the head (media.py)
 
 
 CHAT = Operation("chat", "chat", validation.chat)
@@ -27,6 +28,10 @@ COMPLETIONS = Operation("completions", "chat", validation.completions)
 EMBEDDINGS = Operation("embeddings", "embedding", validation.embeddings)
 RERANK = Operation("rerank", "rerank", validation.rerank)
 CLASSIFY = Operation("classify", "classify", validation.classify)
+TRANSCRIPTION = Operation("transcription", "transcription", validation.transcription, upload=True)
+TRANSLATION = Operation("translation", "transcription", validation.transcription, upload=True)
+SPEECH = Operation("speech", "speech", validation.speech)
+IMAGES = Operation("images", "image", validation.images)
 
 POST_OPERATIONS: dict[str, Operation] = {
     "/v1/chat/completions": CHAT,
@@ -34,7 +39,13 @@ POST_OPERATIONS: dict[str, Operation] = {
     "/v1/embeddings": EMBEDDINGS,
     "/v1/rerank": RERANK,
     "/v1/classify": CLASSIFY,
+    "/v1/audio/transcriptions": TRANSCRIPTION,
+    "/v1/audio/translations": TRANSLATION,
+    "/v1/audio/speech": SPEECH,
+    "/v1/images/generations": IMAGES,
 }
+MEDIA_PATHS = tuple(p for p, op in POST_OPERATIONS.items() if op.model_kind in MEDIA_BACKENDS)
+UPLOAD_PATHS = tuple(path for path, op in POST_OPERATIONS.items() if op.upload)
 MODELS_PATH = "/v1/models"
 
 

@@ -17,6 +17,12 @@ So a non-streaming request costs 3 messages and a stream from an OpenAI-speaking
 the same 3, with no message per chunk. The common answers are built once and reused. The
 envelope and per-model proxy dialects run through the same phases; what differs (paths, shapes,
 their message counts) is in ``dialects.py``.
+
+Audio and images (``media.py``): speech and image generations cost 3 (charged by what the
+request says; the audio or images never pass the processor); a transcription costs 3 when its
+model is priced per request and 4 when per audio second (the transcript is read for its
+duration). Of an upload the request-body message carries only the head of the form, whole only
+when it fits Envoy's buffer limit; the rest streams to the backend.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from .dialects import (
 from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
 from .errors import GatewayError
 from .ledger import Reservation
+from .media import FormUpload
 from .metering import GENERATIVE, Meter, rate_headers, settled_headers
 from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
@@ -108,6 +115,7 @@ class RequestState:
         "timeout_s",
         "trace",
         "translator",
+        "upload",
         "usage",
     )
 
@@ -139,6 +147,7 @@ class RequestState:
         self.proxy: ProxyTranslator | None = None  # the per-model proxy's route and translator
         self.timeout_s: float | None = None  # X-Request-Timeout
         self.defer_settle = False  # settle once the translator has read usage from the body
+        self.upload: FormUpload | None = None  # a multipart upload (only its head is seen)
 
     def id_headers(self) -> list[tuple[str, str]]:
         """The request id (and why it was replaced) for a response the processor shapes."""
@@ -166,6 +175,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.account_api = account_api
         self.catalog = ModelCatalog(cfg)
         self.max_body = cfg.listener.max_request_body_bytes
+        self.max_upload = cfg.listener.max_upload_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
         self.debug = logs.debug_enabled()  # one line per phase at debug level
@@ -348,7 +358,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if msg.end_of_stream:
                 raise _NO_BODY
             length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
+            if op.upload:  # the processor gets the head of the form (Envoy's upload route)
+                st.upload = FormUpload.from_headers(headers, self.max_upload)
+            elif length is not None and length.isdigit() and int(length) > self.max_body:
                 raise GatewayError(
                     "request_too_large",
                     f"The request body is {length} bytes; the limit is {self.max_body}.",
@@ -383,16 +395,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if op is None or st.principal is None:  # a body on a route the headers phase refused
             raise GatewayError("not_found", "Unknown path.")
         raw = req.request_body.body
-        if len(raw) > self.max_body:
-            raise GatewayError(
-                "request_too_large",
-                f"The request body is {len(raw)} bytes; the limit is {self.max_body}.",
-            )
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise MALFORMED_JSON from None
-        json_object(body)
+        if st.upload is not None:  # the form's text fields, from the head of the body
+            body = st.upload.parse_head(raw, req.request_body.end_of_stream)
+        else:
+            if len(raw) > self.max_body:
+                raise GatewayError(
+                    "request_too_large",
+                    f"The request body is {len(raw)} bytes; the limit is {self.max_body}.",
+                )
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise MALFORMED_JSON from None
+            json_object(body)
         if st.proxy is None:
             model_id = require_model(body)
             stream = op.validate(body)
@@ -535,10 +550,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         path = translator.backend_path(st.op.name, st.path) or st.path
         pairs = self._upstream(st, route, path)
         new_body = None
-        if changed:
+        remove: tuple[str, ...] = ()
+        if changed and st.upload is not None:  # the head of the form, rewritten: Envoy ignores
+            new_body = st.upload.encode(body)  # a new Content-Length in this body mode, so the
+            remove = ("content-length",)  # rest goes chunked
+        elif changed:
             new_body = orjson.dumps(body)
             pairs.append(("content-length", str(len(new_body))))
-        return m.request_body_response(m.set_headers(pairs), new_body, True, metadata)
+        # An upload's route is cleared by Envoy's reroute filter instead (envoy_config: ext_proc
+        # would clear it after the head has gone on, under the router's feet).
+        clear = st.upload is None
+        return m.request_body_response(m.set_headers(pairs, remove), new_body, clear, metadata)
 
     async def _void(self, st: RequestState, reason: str) -> None:
         st.settled = True
@@ -574,7 +596,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 fm = req.metadata_context.filter_metadata
                 if USAGE_NS in fm:
                     st.usage = {k: v.number_value for k, v in fm[USAGE_NS].fields.items()}
-                elif translator.usage is not None:  # from the headers (proxy: TGI, TEI)
+                elif status < 400 and translator.usage is not None:
+                    # known from the request (speech, images) or the headers (proxy: TGI, TEI)
                     st.usage = dict(translator.usage)
                 if wants_body and status < 400 and not sse:
                     st.defer_settle = True  # the translator reads usage from the body (TGI, TEI)
@@ -642,6 +665,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             out = envelope.wrap(chunk if out is None else out, st.request_id, st.model, st.usage)
         if out is not None:
             pairs.append(("content-length", str(len(out))))
+            if translator.content_type is not None:  # e.g. a transcript rendered as text
+                pairs.append(("content-type", translator.content_type))
         return m.response_body_response(out, m.set_headers(pairs) if pairs else None)
 
 

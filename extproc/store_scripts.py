@@ -99,14 +99,15 @@ local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, to
   redis.call('ZREM', r.k_cc, rid)
   redis.call('ZREM', due_key, rid)
   redis.call('DEL', resv_key)
+  local unit = r.unit or 'tokens'
   redis.call('ZADD', r.k_ledger, int(now), json({
     'id', rid, 'ts', now, 'type', kind, 'amount', -charge, 'balance', balance,
     'request_id', rid, 'model', r.model, 'key_prefix', r.key_prefix,
-    'tokens_in', tin, 'tokens_out', tout, 'reserved', reserved,
+    'tokens_in', tin, 'tokens_out', tout, 'unit', unit, 'reserved', reserved,
     'written_off', written_off, 'reason', reason}))
   redis.call('ZADD', r.k_usage, int(now), json({
     'ts', now, 'request_id', rid, 'key_prefix', r.key_prefix, 'model', r.model,
-    'backend', r.backend, 'tokens_in', tin, 'tokens_out', tout, 'cost', charge,
+    'backend', r.backend, 'tokens_in', tin, 'tokens_out', tout, 'unit', unit, 'cost', charge,
     'latency_ms', latency_ms, 'status', http_status}))
   redis.call('SET', r.k_done, json({
     'type', kind, 'charged', charge, 'written_off', written_off, 'k_acct', r.k_acct,
@@ -123,7 +124,9 @@ end
 #       requested_max_tokens (0 = clamp to what the balance and the limits allow, up to cap;
 #       with cap 0 too, the request generates nothing: embeddings), cap,
 #       input_per_1m, output_per_1m, per_request, rpm, tpm, concurrency (0 = unlimited),
-#       now_ms, ttl_ms, minute, rate window prefix
+#       now_ms, ttl_ms, minute, rate window prefix, unit
+#       unit: what prompt_tokens count ('tokens'; for media 'audio_seconds', 'characters' or
+#       'images', priced through input_per_1m and never counted in the tokens-per-minute window)
 # Returns {status, granted, amount, rpm_limit, rpm_remaining, tpm_limit, tpm_remaining,
 #          reset_s, retry_after, balance, pending, available} for every status; status is one
 #          of ok, duplicate, rate_limit_requests, concurrency, rate_limit_tokens,
@@ -138,6 +141,8 @@ local prompt, requested, cap = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(AR
 local pin, pout, preq = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local rpm, tpm, conc = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 local now, ttl, minute = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+local unit = ARGV[20] or 'tokens'
+local windowed = unit == 'tokens'  -- media units are not tokens: the tpm window ignores them
 
 local reset_s = math.max(math.ceil(((minute + 1) * 60000 - now) / 1000), 1)
 
@@ -172,20 +177,21 @@ if requested <= 0 and cap > 0 then
   if granted < 1 then return reply('rate_limit_tokens', 0, 0, reset_s) end
 end
 local amount = cost(pin, pout, preq, prompt, granted)
-if tpm > 0 and tok + prompt + granted > tpm then
+local counted = windowed and prompt + granted or 0
+if tpm > 0 and tok + counted > tpm then
   return reply('rate_limit_tokens', 0, amount, reset_s)
 end
 if amount > available then return reply('insufficient_credits', 0, amount, 0) end
 
 -- (e) apply
 redis.call('HINCRBY', rl_key, 'req', 1)
-redis.call('HINCRBY', rl_key, 'tok', int(prompt + granted))
+redis.call('HINCRBY', rl_key, 'tok', int(counted))
 redis.call('EXPIRE', rl_key, WINDOW_TTL)
 redis.call('ZADD', cc_key, int(now + ttl), rid)
 redis.call('HSET', resv_key,
   'account', ARGV[2], 'key_hash', ARGV[3], 'key_prefix', ARGV[4], 'model', ARGV[5],
   'backend', ARGV[6], 'amount', int(amount), 'prompt_est', int(prompt),
-  'granted', int(granted), 'tok_reserved', int(prompt + granted), 'minute', int(minute),
+  'granted', int(granted), 'tok_reserved', int(counted), 'unit', unit, 'minute', int(minute),
   'input_per_1m', int(pin), 'output_per_1m', int(pout), 'per_request', int(preq),
   'rpm', int(rpm), 'tpm', int(tpm), 'created_ms', int(now), 'expires_ms', int(now + ttl),
   'k_acct', acct_key, 'k_cc', cc_key, 'k_rl_prefix', ARGV[19], 'k_ledger', ledger_key,
@@ -238,9 +244,10 @@ local used = 0
 if p == -2 then
   -- served, but the usage is unknown: charge the reservation (the worst case it covered)
   amount_due, tin, tout = tonumber(r.amount), tonumber(r.prompt_est), tonumber(r.granted)
-  used = tin + tout
+  used = tonumber(r.tok_reserved)
 else
   if known then tin, tout, used = p, c, p + c end
+  if (r.unit or 'tokens') ~= 'tokens' then used = 0 end
   if not known or (http_status >= 400 and p + c == 0) then
     kind = 'void'
   else

@@ -7,8 +7,10 @@ that to the gateway's shape. Each failure names the offending ``param``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from .config import MAX_IMAGES, MAX_SPEECH_CHARACTERS
 from .errors import GatewayError, invalid
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
@@ -34,6 +36,18 @@ def require_model(body: dict[str, Any]) -> str:
     if not isinstance(model, str) or not model:
         raise invalid(f"'model' must be a non-empty string, got {_type_name(model)}.", "model")
     return model
+
+
+def _text(body: dict[str, Any], name: str) -> str:
+    """A required, non-empty string field."""
+    value = body.get(name)
+    if value is None:
+        raise invalid(f"Missing required parameter: '{name}'.", name)
+    if not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string, got {_type_name(value)}.", name)
+    if not value:
+        raise invalid(f"'{name}' must not be empty.", name)
+    return value
 
 
 def stream_flag(body: dict[str, Any]) -> bool:
@@ -128,13 +142,7 @@ def _no_stream(body: dict[str, Any], what: str) -> None:
 
 def rerank(body: dict[str, Any]) -> bool:
     """Rerank (Cohere/Jina style: query, documents, top_n, return_documents); never a stream."""
-    query = body.get("query")
-    if query is None:
-        raise invalid("Missing required parameter: 'query'.", "query")
-    if not isinstance(query, str):
-        raise invalid(f"'query' must be a string, got {_type_name(query)}.", "query")
-    if not query:
-        raise invalid("'query' must not be empty.", "query")
+    _text(body, "query")
     documents = body.get("documents")
     if documents is None:
         raise invalid("Missing required parameter: 'documents'.", "documents")
@@ -195,3 +203,81 @@ MALFORMED_JSON = GatewayError(
     "invalid_request_error",
     "The request body is not valid JSON.",
 )
+
+
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+IMAGE_FORMATS = ("url", "b64_json")
+_SIZE = re.compile(r"[1-9][0-9]{0,4}x[1-9][0-9]{0,4}")
+
+
+def _one_of(body: dict[str, Any], name: str, allowed: tuple[str, ...]) -> None:
+    value = body.get(name)
+    if value is not None and value not in allowed:
+        raise invalid(
+            f"'{name}' must be one of {', '.join(allowed)}, got {str(value)[:40]!r}.", name
+        )
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, str):  # a form field
+        try:
+            value = float(value)
+        except ValueError:
+            raise invalid(f"'{name}' must be a number, got {value[:40]!r}.", name) from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise invalid(f"'{name}' must be a number from {low:g} to {high:g}.", name)
+
+
+def transcription(fields: dict[str, Any]) -> bool:
+    """``/v1/audio/transcriptions`` form fields (all strings; the file is checked by
+    :class:`extproc.media.FormUpload`); never a stream here."""
+    _one_of(fields, "response_format", TRANSCRIPT_FORMATS)
+    _number(fields, "temperature", 0, 1)
+    if fields.get("stream", "false").lower() not in ("false", "0", ""):
+        raise invalid("Streamed transcriptions are not supported by this gateway.", "stream")
+    return False
+
+
+def speech(body: dict[str, Any]) -> bool:
+    """``/v1/audio/speech``: ``input`` (1 to 4096 characters), ``voice``, ``response_format``,
+    ``speed``; the audio comes back as raw bytes, never as SSE events."""
+    text = _text(body, "input")
+    if len(text) > MAX_SPEECH_CHARACTERS:
+        raise invalid(
+            f"'input' is {len(text)} characters; the limit is {MAX_SPEECH_CHARACTERS}.", "input"
+        )
+    voice = body.get("voice")
+    if voice is None:
+        raise invalid("Missing required parameter: 'voice'.", "voice")
+    if not (isinstance(voice, str) and voice) and not isinstance(voice, dict):
+        raise invalid("'voice' must be a voice name or a voice object.", "voice")
+    _one_of(body, "response_format", SPEECH_FORMATS)
+    _number(body, "speed", 0.25, 4.0)
+    if body.get("stream_format") not in (None, "audio"):
+        raise invalid("Only stream_format 'audio' (raw bytes) is supported.", "stream_format")
+    return False
+
+
+def images(body: dict[str, Any]) -> bool:
+    """``/v1/images/generations``: ``prompt``, ``n`` (1-10), ``size`` (``auto`` or ``WxH``; which
+    sizes a model makes is the backend's to say), ``response_format`` (``url``, ``b64_json``)."""
+    _text(body, "prompt")
+    n = body.get("n")
+    if n is not None and (
+        isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES
+    ):
+        raise invalid(f"'n' must be an integer from 1 to {MAX_IMAGES}.", "n")
+    size = body.get("size")
+    if (
+        size is not None
+        and size != "auto"
+        and not (isinstance(size, str) and _SIZE.fullmatch(size))
+    ):
+        raise invalid(f"'size' must be 'auto' or WIDTHxHEIGHT, got {str(size)[:40]!r}.", "size")
+    _one_of(body, "response_format", IMAGE_FORMATS)
+    _no_stream(body, "Image generations")
+    return False

@@ -13,6 +13,7 @@ import openai
 import orjson
 import pytest
 
+from extproc.money import format_credits
 from tests.harness import PRICE, Gateway, base_config, sim_backend, start_gateway
 
 HELLO = [{"role": "user", "content": "Tell me about envelopes."}]
@@ -39,6 +40,15 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         {"id": "tei-embed-model", "backend": "tei-embed", "kind": "embedding", "pricing": PRICE},
         {"id": "tei-rerank-model", "backend": "tei-rerank", "kind": "rerank", "pricing": PRICE},
         {"id": "media-model", "backend": "media", "pricing": PRICE},
+        {
+            "id": "whisper-1",
+            "backend": "media",
+            "kind": "transcription",
+            "max_audio_seconds": 600,
+            "pricing": {"per_audio_second": "0.0001", "per_request": "0.001"},
+        },
+        {"id": "tts-1", "backend": "media", "kind": "speech", "pricing": {"per_request": "0.001"}},
+        {"id": "dall-e-2", "backend": "media", "kind": "image", "pricing": {"per_image": "0.02"}},
     ]
     g = start_gateway(Path(tmp_path_factory.mktemp("dialects")), cfg)
     try:
@@ -129,14 +139,9 @@ def test_envelope_errors_made_by_the_processor(gw: Gateway) -> None:
     assert err["param"] == "model"
     err = _envelope_error(_post(gw, "/v1/inference/nope", chat), 404, "not_found")
     assert "/v1/inference/chat" in err["message"]
-    # the media operations are not in this build: a clear 404 until they are
-    for name, target in (
-        ("images/generate", "/v1/images/generations"),
-        ("audio/transcribe", "/v1/audio/transcriptions"),
-        ("audio/synthesize", "/v1/audio/speech"),
-    ):
-        err = _envelope_error(_post(gw, "/v1/inference/" + name, {}), 404, "not_found")
-        assert target in err["message"] and "does not serve yet" in err["message"]
+    for name in ("images/generate", "audio/synthesize"):  # media errors in the envelope too
+        err = _envelope_error(_post(gw, "/v1/inference/" + name, {}), 400, "invalid_request_error")
+        assert err["param"] == "model"
     r = httpx.get(gw.base_url + "/v1/inference/chat", headers=_auth(gw.key))
     _envelope_error(r, 405, "method_not_allowed")
 
@@ -364,9 +369,44 @@ def test_dialect_label_of_requests_total(gw: Gateway) -> None:
         assert _post(gw, path, chat).status_code == 200
     proxy = "/models/sim-chat/proxy/v1/chat/completions"
     assert _post(gw, proxy, {"messages": HELLO, "max_tokens": 2}).status_code == 200
-    text = gw.metrics()
-    for dialect in ("openai", "envelope", "proxy"):
-        assert (
-            f'tollgate_requests_total{{model="sim-chat",backend="vllm-chat",'
-            f'dialect="{dialect}",status="200"}}'
-        ) in text
+    series = [
+        f'tollgate_requests_total{{model="sim-chat",backend="vllm-chat",dialect="{d}",status="200"}}'
+        for d in ("openai", "envelope", "proxy")
+    ]
+    deadline = time.monotonic() + 5  # counted when the ext_proc stream closes, just after
+    while not all(s in (text := gw.metrics()) for s in series):
+        assert time.monotonic() < deadline, [s for s in series if s not in text]
+        time.sleep(0.05)
+
+
+def test_envelope_media(gw: Gateway) -> None:
+    """images/generate and audio/transcribe answer in the envelope; audio/synthesize returns the
+    raw audio; each is metered like its OpenAI route."""
+    r = _post(
+        gw, "/v1/inference/images/generate", {"model": "dall-e-2", "prompt": "a gate", "n": 2}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "ok" and len(body["data"]["data"]) == 2
+    assert body["meta"]["request_id"] == r.headers["x-request-id"]
+    assert _debit(gw, r.headers["x-request-id"])["amount"] == "-" + format_credits(40_000)
+
+    r = _post(
+        gw, "/v1/inference/audio/synthesize", {"model": "tts-1", "input": "hi", "voice": "alloy"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("audio/") and not r.content.startswith(b"{")
+
+    audio = b"\x00\x01" * 32000  # 2 s at the simulator's 32,000 bytes a second
+    r = httpx.post(
+        gw.base_url + "/v1/inference/audio/transcribe",
+        headers=_auth(gw.key),
+        data={"model": "whisper-1"},
+        files={"file": ("a.wav", audio, "audio/wav")},
+        timeout=20,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "ok" and isinstance(body["data"]["text"], str)
+    debit = _debit(gw, r.headers["x-request-id"])
+    assert debit["amount"] == "-" + format_credits(1_200)  # 0.001 a request + 2 s x 0.0001

@@ -179,6 +179,32 @@ async def test_token_window_counts_real_usage_after_settle(ledger: Ledger) -> No
     assert s.entry_type == "void" and s.charged == 0 and s.tpm_remaining == 580
 
 
+async def test_media_units_are_priced_per_unit_and_kept_out_of_the_token_window(
+    ledger: Ledger,
+) -> None:
+    await ledger.grant("acme", 10**9)
+    limits = Limits(tpm=1000)
+    per_second = Price(input_per_1m=100 * 1_000_000, per_request=1000)  # media.metered_price
+    media = ReserveRequest(
+        request_id="t", account="acme", key_hash="k1", key_prefix="tg_k1", model="whisper",
+        backend="b1", prompt_tokens=3600, requested_max_tokens=None, cap=0, price=per_second,
+        limits=limits, ttl_ms=60_000, unit="audio_seconds",
+    )  # fmt: skip
+    r = await ledger.reserve(media, now_ms=T0)
+    assert r.ok and r.amount == 1000 + 100 * 3600 and r.granted == 0
+    assert r.unit == "audio_seconds" and r.tokens == 0 and r.tpm_remaining == 1000
+    s = await ledger.settle("t", 12, 0, 200, 5, now_ms=T0 + 10)
+    assert s.charged == 1000 + 100 * 12 and s.tpm_remaining == 1000
+    entry = (await ledger.transactions("acme", limit=1))[0]
+    assert (entry["unit"], entry["tokens_in"], entry["tokens_out"]) == ("audio_seconds", 12, 0)
+    assert (await ledger.usage("acme"))[0]["unit"] == "audio_seconds"
+    # text requests still count, and say so
+    r = await ledger.reserve(request("c", prompt=100, max_tokens=200, limits=limits), now_ms=T0)
+    assert r.ok and r.unit == "tokens" and r.tpm_remaining == 700
+    await ledger.settle("c", 100, 20, 200, 5, now_ms=T0 + 20)
+    assert (await ledger.transactions("acme", limit=1))[0]["unit"] == "tokens"
+
+
 async def test_clamp_to_what_the_balance_pays(ledger: Ledger) -> None:
     await ledger.grant("acme", 1000)
     r = await ledger.reserve(request("a", max_tokens=None, cap=1000), now_ms=T0)

@@ -10,6 +10,7 @@ chunk in -> body out; backend error in -> :class:`~extproc.errors.GatewayError`.
   :mod:`.chat_template`);
 * :mod:`.tgi_messages` -- TGI's ``/v1/chat/completions`` with its quirks fixed;
 * :mod:`.tei` -- TEI ``/embed``, ``/rerank``, ``/predict``;
+* :mod:`.openai_media` -- OpenAI's audio and image endpoints (pass-through, metered);
 * :mod:`.errors_map` -- every backend error shape -> :class:`~extproc.errors.GatewayError`.
 """
 

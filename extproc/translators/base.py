@@ -10,18 +10,21 @@ Call order, per request (one translator instance each):
 3. status >= 400: :meth:`Translator.error` with the whole body; otherwise
    :meth:`Translator.response_body` once with the whole body (non-stream) or per chunk (stream).
 
-Content types need no rewriting: every translated non-stream answer is JSON, as the backend's
-was (TGI ``/generate``, TEI ``/embed`` ``/rerank`` ``/predict`` all answer
-``application/json``), and every stream stays ``text/event-stream``. Error bodies become JSON
-even when the backend's were plain text; the processor sets ``content-type`` on those.
+Content types need no rewriting, except where :attr:`Translator.content_type` says: every
+translated non-stream answer is JSON, as the backend's was (TGI ``/generate``, TEI ``/embed``
+``/rerank`` ``/predict`` all answer ``application/json``), every stream stays
+``text/event-stream``, and a transcript rendered as text says so (``openai_media``). Error
+bodies become JSON even when the backend's were plain text; the processor sets ``content-type``
+on those.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..config import Backend, Model
+from ..config import MEDIA_BACKENDS, Backend, Model
 from ..errors import GatewayError
+from .openai_media import OpenAIMedia
 from .openai_vllm import OpenAIToVLLM
 from .tei import Tei
 from .tgi_messages import TgiMessages
@@ -33,7 +36,11 @@ class Translator(Protocol):
     """Request fields removed because the backend cannot use them (for a response header)."""
 
     usage: dict[str, int] | None
-    """``{"prompt_tokens", "completion_tokens"}`` once the response revealed them."""
+    """``{"prompt_tokens", "completion_tokens"}`` once the response revealed them (or, for
+    media priced by the request, from :meth:`request` on; in the request's unit)."""
+
+    content_type: str | None
+    """The translated body's content type when it differs from the backend's, else None."""
 
     def request(self, op: str, body: dict[str, Any], stream: bool) -> bool:
         """Rewrite ``body`` (parsed) for the backend in place; True if anything changed."""
@@ -66,6 +73,8 @@ class Translator(Protocol):
 
 def for_backend(backend: Backend, model: Model, request_id: str = "") -> Translator:
     kind = backend.kind
+    if model.kind in MEDIA_BACKENDS:  # audio and images (config allows only OpenAI-style ones)
+        return OpenAIMedia(model, request_id)
     if kind == "vllm" or kind == "openai":
         return OpenAIToVLLM(model, request_id)
     if kind == "tgi":

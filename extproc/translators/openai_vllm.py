@@ -36,6 +36,7 @@ class OpenAIToVLLM:
     # are shared class attributes (never mutated) and the fast path stays allocation-free.
     dropped: list[str] = []
     usage: dict[str, int] | None = None
+    content_type: str | None = None  # the backend's content type is kept (always JSON or SSE)
 
     def __init__(self, model: Model, request_id: str = "") -> None:
         self._model = model

@@ -64,6 +64,8 @@ def embedding_base64(row: list[float]) -> str:
 class Tei:
     """One request's translation; see the module docstring."""
 
+    content_type: str | None = None  # the backend's content type is kept (always JSON or SSE)
+
     __slots__ = (
         "_base64",
         "_batch",

@@ -90,6 +90,8 @@ _FINISH = {
 class TgiMessages:
     """One request's translation; see the module docstring."""
 
+    content_type: str | None = None  # the backend's content type is kept (always JSON or SSE)
+
     __slots__ = (
         "_buf",
         "_done",

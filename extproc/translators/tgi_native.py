@@ -176,6 +176,8 @@ def _chat_logprob(token: dict[str, Any], top: Any) -> dict[str, Any]:
 class TgiNative:
     """One request's translation; see the module docstring."""
 
+    content_type: str | None = None  # the backend's content type is kept (always JSON or SSE)
+
     __slots__ = (
         "_buf",
         "_chat",

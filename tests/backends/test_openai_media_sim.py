@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 
+from backends.__main__ import build_parser
 from backends.http import ServerThread
-from backends.openai_media import MultipartSink, OpenAIConfig, build_app
+from backends.openai_media import MultipartSink, OpenAIConfig, build_app, config_from_args
 from backends.process import SimulatorProcess
 
 MODELS = ["whisper-1", "tts-1", "dall-e-2", "dall-e-3", "gpt-image-1", "chat-model"]
@@ -244,6 +245,24 @@ def test_images_b64_and_url(http: httpx.Client, oai: openai.OpenAI) -> None:
     r = http.post("/v1/images/generations", json={"model": "gpt-image-1", "prompt": "x"})
     body = r.json()
     assert "b64_json" in body["data"][0] and body["usage"]["output_tokens"] > 0
+
+
+def test_noisy_images_are_photo_sized_and_urls_point_at_the_server(
+    oai: openai.OpenAI,
+) -> None:
+    result = oai.images.generate(
+        model="dall-e-2",
+        prompt="grain",
+        size="256x256",
+        response_format="b64_json",
+        extra_headers={"x-sim-image-noise": "1"},
+    )
+    png = base64.b64decode(result.data[0].b64_json or "")
+    assert png_size(png) == (256, 256) and len(png) > 256 * 256 * 3  # random pixels: no gain
+    args = build_parser("openai").parse_args(["--kind", "openai", "--port", "8123"])
+    assert config_from_args(args).image_base_url == "http://127.0.0.1:8123"
+    args = build_parser("openai").parse_args(["--kind", "openai", "--port", "0"])
+    assert config_from_args(args).image_base_url is None  # the Host header then
 
 
 def test_image_errors(http: httpx.Client) -> None:
