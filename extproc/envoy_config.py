@@ -172,6 +172,9 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
                 "forwarding_namespaces": {"untyped": [USAGE_NS]},
                 "receiving_namespaces": {"untyped": [METADATA_NS]},
             },
+            # The client's address for the failed-lookup limit (auth.py): Envoy's own view,
+            # never a header the client wrote.
+            "request_attributes": ["source.address"],
             "stat_prefix": "tollgate",
         },
     }
@@ -453,6 +456,10 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         },
         # Clients are never trusted with x-envoy-* request headers.
         "internal_address_config": {"cidr_ranges": []},
+        # The client address (source.address for the processor) is the TCP peer's, or the
+        # entry listener.trusted_proxy_hops names in X-Forwarded-For, which Envoy appends to.
+        "use_remote_address": True,
+        "xff_num_trusted_hops": cfg.listener.trusted_proxy_hops,
         "stream_idle_timeout": "300s",
         "local_reply_config": _local_reply_config(),
         "route_config": {

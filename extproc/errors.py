@@ -24,10 +24,18 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_api_key": (401, "authentication_error"),
     "key_expired": (401, "authentication_error"),
     "key_revoked": (401, "authentication_error"),
+    # JWTs (auth.py): each way a token can be refused has its own code
+    "invalid_token": (401, "authentication_error"),  # malformed, bad signature, unknown kid
+    "token_algorithm_not_allowed": (401, "authentication_error"),  # alg none, HS/RS confusion
+    "token_expired": (401, "authentication_error"),
+    "token_not_yet_valid": (401, "authentication_error"),
+    "invalid_issuer": (401, "authentication_error"),
+    "invalid_audience": (401, "authentication_error"),
     "permission_denied": (403, "permission_error"),
     "model_not_found": (404, "invalid_request_error"),
     "not_found": (404, "invalid_request_error"),
     "method_not_allowed": (405, "invalid_request_error"),
+    "conflict": (409, "invalid_request_error"),
     "insufficient_credits": (402, "insufficient_credits"),
     "rate_limit_exceeded": (429, "rate_limit_error"),
     "invalid_request_error": (400, "invalid_request_error"),

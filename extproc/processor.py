@@ -35,7 +35,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from . import messages as m
 from .account_api import ACCOUNT_PATHS, AccountApi
-from .auth import KeyAuthenticator, Principal
+from .auth import Authenticator, Principal
 from .config import Backend, GatewayConfig, Model
 from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
 from .errors import GatewayError
@@ -127,7 +127,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     def __init__(
         self,
         cfg: GatewayConfig,
-        auth: KeyAuthenticator,
+        auth: Authenticator,
         meter: Meter,
         account_api: AccountApi,
         metrics: Metrics,
@@ -260,7 +260,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         phases = st.phases
         t = time_ns() if phases is not None else 0
         try:
-            st.principal = await self.auth.authenticate(headers.get("authorization"))
+            principal = st.principal = await self.auth.authenticate(
+                headers.get("authorization"), headers.get("cookie"), lambda: client_address(req)
+            )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             log.error("store_unreachable", request_id=st.request_id)
             raise _STORE_DOWN from None
@@ -279,6 +281,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 st.timeout_s = _request_timeout(timeout)
             if method != "POST":
                 raise GatewayError("method_not_allowed", f"Use POST for {path}.")
+            principal.require("models:use")
             if msg.end_of_stream:
                 raise _NO_BODY
             length = headers.get("content-length")
@@ -294,21 +297,24 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if path in ACCOUNT_PATHS:
             if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
-            assert st.principal is not None
-            body = await self.account_api.handle(path, headers.get(":path", ""), st.principal)
+            principal.require("usage:read")
+            body = await self.account_api.handle(path, headers.get(":path", ""), principal)
             st.status = 200
             return m.immediate(200, body, "tollgate_account", st.id_headers())
         if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
             if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
+            principal.require("models:use")
             st.status = 200
             if path == MODELS_PATH:
-                return m.immediate(200, self.catalog.list_body, "tollgate_models", st.id_headers())
+                body = self.catalog.list_for(principal.models)
+                return m.immediate(200, body, "tollgate_models", st.id_headers())
             model_id, card = self.catalog.card(path)
             if card is None:
                 raise GatewayError(
                     "model_not_found", f"The model '{model_id}' does not exist.", "model"
                 )
+            _check_pool(principal, model_id)
             return m.immediate(200, card, "tollgate_model", st.id_headers())
         raise GatewayError("not_found", f"Unknown path: {method} {path}.")
 
@@ -334,6 +340,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             raise GatewayError(
                 "model_not_found", f"The model '{model_id}' does not exist.", "model"
             )
+        _check_pool(st.principal, model_id)
         if model.kind != op.model_kind:
             raise GatewayError(
                 "invalid_request_error",
@@ -537,6 +544,29 @@ def _request_timeout(value: str) -> float:
             "X-Request-Timeout",
         )
     return seconds
+
+
+def _check_pool(principal: Principal, model_id: str) -> None:
+    if not principal.may_use(model_id):
+        raise GatewayError(
+            "permission_denied",
+            f"This credential may not use the model '{model_id}'.",
+            "model",
+        )
+
+
+def client_address(req: ProcessingRequest) -> str:
+    """The client's IP address as Envoy sees it (``source.address``: the TCP peer, or the
+    address listener.trusted_proxy_hops picks from X-Forwarded-For); never a header the client
+    wrote itself."""
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None:
+        return ""
+    value = attrs.fields["source.address"].string_value if "source.address" in attrs.fields else ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        return value
+    return host.strip("[]")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -17,7 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from . import logs, store
 from .account_api import AccountApi
-from .auth import KeyAuthenticator
+from .auth import Authenticator
 from .config import GatewayConfig
 from .ledger import Ledger
 from .metering import Meter
@@ -40,11 +40,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     ledger = Ledger(client, fast)
     metrics = Metrics(cfg.processor.metrics)
     meter = Meter(cfg, ledger, metrics)
-    auth = KeyAuthenticator(
-        client,
-        ttl=cfg.processor.key_cache_ttl_s,
-        default_limits=cfg.metering.default_limits,
-    )
+    auth = Authenticator(client, cfg)
     tracing = Tracing(cfg, index)
     processor = Processor(cfg, auth, meter, AccountApi(ledger), metrics, tracing)
     server = grpc.aio.server(
@@ -62,6 +58,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     await server.start()
     tracing.start()
     sweeper = asyncio.create_task(sweep_forever(ledger, cfg.metering.sweep_interval_s, metrics))
+    invalidations = asyncio.create_task(auth.listen(cfg.store_url))
     scrape = (
         await serve_metrics(metrics, cfg.processor.bind_host, cfg.processor.metrics_port + index)
         if cfg.processor.metrics
@@ -75,6 +72,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     print(f"{READY_LINE} port={port}", flush=True)
     await stop.wait()
     sweeper.cancel()
+    invalidations.cancel()
     if scrape is not None:
         scrape.close()
     await server.stop(grace=2)

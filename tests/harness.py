@@ -142,8 +142,17 @@ class Gateway:
                 out[name] = int(value)
         return out
 
-    def new_key(self, name: str = "test", account: str = "default", **limits: int) -> str:
-        raw = create_key(connect_sync(self.cfg.store_url), name, account, limits).raw
+    def new_key(
+        self,
+        name: str = "test",
+        account: str = "default",
+        scopes: list[str] | None = None,
+        models: list[str] | None = None,
+        expires_at: float | None = None,
+        **limits: int,
+    ) -> str:
+        client = connect_sync(self.cfg.store_url)
+        raw = create_key(client, name, account, limits, scopes, models, expires_at).raw
         SECRETS.append(raw)
         return raw
 
