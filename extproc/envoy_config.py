@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from . import control_routes
 from .config import Backend, GatewayConfig
 from .errors import CODES, ENVOY_LOCAL_REPLIES
 
@@ -180,6 +181,74 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _transcoder() -> dict[str, Any]:
+    """REST <-> gRPC for the control API (control_routes.py), from the proto's descriptors."""
+    import base64
+
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": _T
+            + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor_bin": base64.b64encode(control_routes.descriptor_set()).decode(),
+            "services": [control_routes.SERVICE_NAME],
+            "print_options": {
+                "always_print_primitive_fields": True,
+                "preserve_proto_field_names": True,
+            },
+            "request_validation_options": {"reject_unknown_query_parameters": True},
+        },
+    }
+
+
+def _control_routes(metered: bool) -> list[dict[str, Any]]:
+    """The control API's REST paths (the processor authenticates; no body passes through it;
+    it sees the response headers to render errors) and the transcoded gRPC call to a worker.
+    A REST path the transcoder does not know stays on its route: a 404 in the gateway's shape."""
+    no_lua = (
+        {
+            "envoy.filters.http.lua": {
+                "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                "disabled": True,
+            }
+        }
+        if metered
+        else {}
+    )
+    rest = {
+        "envoy.filters.http.ext_proc": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "request_body_mode": "NONE",
+                    "response_header_mode": "SEND",
+                    "response_body_mode": "NONE",
+                }
+            },
+        },
+        **no_lua,
+    }
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "control_grpc",
+            "match": {"prefix": control_routes.GRPC_PREFIX},
+            "route": {"cluster": EXTPROC_CLUSTER, "timeout": "15s"},
+            "typed_per_filter_config": no_lua,
+        }
+    ]
+    for root in control_routes.ROOTS:
+        routes.append(
+            {
+                "name": "control" + root.replace("/", "_"),
+                "match": {"path_separated_prefix": root},
+                "direct_response": {"status": 404},
+                "typed_per_filter_config": rest,
+            }
+        )
+    return routes
+
+
 def _usage_rules() -> list[dict[str, Any]]:
     return [
         {
@@ -313,7 +382,8 @@ def stream_route_value(backend_name: str) -> str:
 
 
 def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
-    routes: list[dict[str, Any]] = []
+    # The control API's transcoded calls first: a client's routing header cannot divert them.
+    routes: list[dict[str, Any]] = _control_routes(cfg.metering.enabled)
     for b in cfg.backends:
         # Two routes per backend: metered streams (the Lua stream meter runs) and the rest (Lua
         # disabled per route: measured, it cost ~30% of the metered throughput on requests it
@@ -470,6 +540,7 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         "http_filters": [
             *([_lua_filter()] if metered else []),
             _ext_proc_filter(cfg),
+            _transcoder(),
             *(_metering_filters() if metered else []),
             {
                 "name": "envoy.filters.http.router",

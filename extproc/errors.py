@@ -107,6 +107,12 @@ ENVOY_LOCAL_REPLIES: tuple[tuple[str, int, str, str], ...] = (
         "The gateway's request processor is unavailable; the request was not forwarded.",
     ),
     (
+        "response.code_details.contains('grpc_json_transcode_failure')",
+        400,
+        "invalid_request_error",
+        "The request does not match the control API (see /openapi.json): %LOCAL_REPLY_BODY%",
+    ),
+    (
         "flags:UO",
         503,
         "backend_unavailable",

@@ -79,7 +79,12 @@ def error_response(
     return immediate(err.status, err.body(request_id), DETAILS_PREFIX + err.code, extra)
 
 
-def request_headers_response(headers: HeaderMutation) -> ProcessingResponse:
+def request_headers_response(
+    headers: HeaderMutation, remove: Iterable[str] = ()
+) -> ProcessingResponse:
+    """Continue with ``headers`` set and the ``remove`` headers removed."""
+    if remove:
+        headers.remove_headers.extend(remove)
     return ProcessingResponse(
         request_headers=HeadersResponse(response=CommonResponse(header_mutation=headers))
     )

@@ -33,8 +33,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from google.protobuf.struct_pb2 import Struct
 
+from . import control_routes
 from . import messages as m
-from .account_api import ACCOUNT_PATHS, AccountApi
 from .auth import Authenticator, Principal
 from .config import Backend, GatewayConfig, Model
 from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
@@ -62,6 +62,7 @@ _NO_BODY = GatewayError("invalid_request_error", "This endpoint needs a JSON req
 # makes one and says why in X-Request-ID-Replaced ("missing" is not reported: Envoy makes one).
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=~-]{1,128}")
 REPLACED_HEADER = "x-request-id-replaced"
+_GRPC_HEADERS = ("grpc-status", "grpc-message", "grpc-accept-encoding")  # transcoded answers
 
 
 class RequestState:
@@ -71,6 +72,7 @@ class RequestState:
         "backend",
         "backend_status",
         "buffered",
+        "control",
         "defer_settle",
         "id_note",
         "model",
@@ -101,6 +103,7 @@ class RequestState:
         self.translator: Translator | None = None
         self.backend_status = 0
         self.buffered = False  # response body BUFFERED (whole body in one message)
+        self.control = False  # a control-API call (transcoded by Envoy, served by a worker)
         self.reservation: Reservation | None = None
         self.settled = False  # settled here, or handed to Envoy's stream meter (streams)
         self.stream = False
@@ -129,7 +132,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         cfg: GatewayConfig,
         auth: Authenticator,
         meter: Meter,
-        account_api: AccountApi,
         metrics: Metrics,
         tracing: Tracing | None = None,
     ) -> None:
@@ -139,7 +141,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.auth = auth
         self.meter = meter
         self.metered = cfg.metering.enabled  # off: no reservation, no settlement, no limits
-        self.account_api = account_api
         self.catalog = ModelCatalog(cfg)
         self.max_body = cfg.listener.max_request_body_bytes
         self.max_inflight = cfg.processor.max_inflight
@@ -294,13 +295,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if st.id_note:  # the backend, Envoy's log and later phases see the new id
                 return m.request_headers_response(m.set_headers(st.id_headers()[:1]))
             return m.CONTINUE_REQUEST_HEADERS
-        if path in ACCOUNT_PATHS:
-            if method != "GET":
-                raise GatewayError("method_not_allowed", f"Use GET for {path}.")
-            principal.require("usage:read")
-            body = await self.account_api.handle(path, headers.get(":path", ""), principal)
-            st.status = 200
-            return m.immediate(200, body, "tollgate_account", st.id_headers())
+        if control_routes.is_control_path(path):
+            control_routes.match(method, path)  # 404/405 here, in the gateway's shape
+            st.control = True  # Envoy's transcoder calls the control API (control_api.py)
+            return m.request_headers_response(
+                m.set_headers(st.id_headers()[:1] if st.id_note else ()), [ROUTE_HEADER]
+            )
         if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
             if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
@@ -447,6 +447,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             log.exception("void_failed", request_id=st.request_id, reason=reason)
 
     def _response_headers(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
+        if st.control:
+            headers = m.header_map(req.response_headers.headers.headers)
+            err = control_routes.error_from_headers(headers)
+            if err is not None:
+                raise err
+            st.status = int(headers.get(":status", "0") or 0)
+            mutation = m.set_headers(st.id_headers())
+            mutation.remove_headers.extend(_GRPC_HEADERS)
+            return m.response_headers_response(mutation)
         model, translator, res = st.model, st.translator, st.reservation
         if model is None or translator is None:
             return m.response_headers_response(m.set_headers(st.id_headers()))
