@@ -33,13 +33,14 @@ from typing import Any
 
 import yaml
 
-from . import control_routes
+from . import control_routes, health
 from .config import Backend, GatewayConfig
 from .errors import CODES, ENVOY_LOCAL_REPLIES
 
 ROUTE_HEADER = "x-tollgate-backend"
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
+ADMIN_CLUSTER = "tollgate_envoy_admin"  # Envoy's own admin, for GET /v1/models/{id}/health
 OTLP_CLUSTER = "tollgate_otlp"
 METADATA_NS = "tollgate"  # what the processor sets at request time (read by Lua and the log)
 TIMING_NS = "tollgate.timing"  # the stream meter's first-chunk time (TTFT)
@@ -346,6 +347,28 @@ def _headers_only() -> dict[str, Any]:
     }
 
 
+def _health_only(metered: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "envoy.filters.http.ext_proc": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "request_body_mode": "NONE",
+                    "response_header_mode": "SEND",
+                    "response_body_mode": "BUFFERED",
+                }
+            },
+        }
+    }
+    if metered:
+        out["envoy.filters.http.lua"] = {
+            "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+            "disabled": True,
+        }
+    return out
+
+
 def _backend_route(b: Backend, header_value: str) -> dict[str, Any]:
     return {
         "name": f"to_{header_value}",
@@ -398,6 +421,29 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
                     }
                 }
             routes.append(route)
+    # Model health: the processor sends it to Envoy's own admin (/clusters) and maps the answer.
+    routes.append(
+        {
+            "name": "model_health",
+            "match": {
+                "safe_regex": {"regex": "^/v1/models/.+/health$"},
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "direct_response": {"status": 404},
+            "typed_per_filter_config": _health_only(cfg.metering.enabled),
+        }
+    )
+    routes.append(
+        {
+            "name": "envoy_admin",
+            "match": {
+                "path": "/clusters",
+                "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": health.ADMIN_ROUTE}}],
+            },
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "2s"},
+            "request_headers_to_remove": [ROUTE_HEADER, "authorization", "cookie"],
+        }
+    )
     # Answered by the processor from the config; never forwarded.
     routes.append(
         {
@@ -647,7 +693,12 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": [extproc, *(backend_cluster(b) for b in cfg.backends), *extra_clusters],
+            "clusters": [
+                extproc,
+                *(backend_cluster(b) for b in cfg.backends),
+                _cluster(ADMIN_CLUSTER, [("127.0.0.1", cfg.envoy.admin_port)], 1.0),
+                *extra_clusters,
+            ],
         },
     }
     if runtime:

@@ -80,14 +80,13 @@ def error_response(
 
 
 def request_headers_response(
-    headers: HeaderMutation, remove: Iterable[str] = ()
+    headers: HeaderMutation, remove: Iterable[str] = (), clear_route_cache: bool = False
 ) -> ProcessingResponse:
     """Continue with ``headers`` set and the ``remove`` headers removed."""
     if remove:
         headers.remove_headers.extend(remove)
-    return ProcessingResponse(
-        request_headers=HeadersResponse(response=CommonResponse(header_mutation=headers))
-    )
+    common = CommonResponse(header_mutation=headers, clear_route_cache=clear_route_cache)
+    return ProcessingResponse(request_headers=HeadersResponse(response=common))
 
 
 def request_body_response(

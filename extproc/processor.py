@@ -33,7 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from google.protobuf.struct_pb2 import Struct
 
-from . import control_routes
+from . import control_routes, health
 from . import messages as m
 from .auth import Authenticator, Principal
 from .config import Backend, GatewayConfig, Model
@@ -62,6 +62,7 @@ _NO_BODY = GatewayError("invalid_request_error", "This endpoint needs a JSON req
 # makes one and says why in X-Request-ID-Replaced ("missing" is not reported: Envoy makes one).
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=~-]{1,128}")
 REPLACED_HEADER = "x-request-id-replaced"
+HEALTH_SUFFIX = "/health"
 _GRPC_HEADERS = ("grpc-status", "grpc-message", "grpc-accept-encoding")  # transcoded answers
 
 
@@ -74,6 +75,7 @@ class RequestState:
         "buffered",
         "control",
         "defer_settle",
+        "health",
         "id_note",
         "model",
         "op",
@@ -104,6 +106,7 @@ class RequestState:
         self.backend_status = 0
         self.buffered = False  # response body BUFFERED (whole body in one message)
         self.control = False  # a control-API call (transcoded by Envoy, served by a worker)
+        self.health = False  # GET /v1/models/{id}/health: Envoy's admin /clusters, mapped
         self.reservation: Reservation | None = None
         self.settled = False  # settled here, or handed to Envoy's stream meter (streams)
         self.stream = False
@@ -309,6 +312,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if path == MODELS_PATH:
                 body = self.catalog.list_for(principal.models)
                 return m.immediate(200, body, "tollgate_models", st.id_headers())
+            if path.endswith(HEALTH_SUFFIX):  # Envoy's admin answers; see health.py
+                model_id, card = self.catalog.card(path[: -len(HEALTH_SUFFIX)])
+                if card is not None:
+                    _check_pool(principal, model_id)
+                    st.model = self.cfg.models_by_id[model_id]
+                    st.health = True
+                    pairs = [(":path", health.ADMIN_PATH), (ROUTE_HEADER, health.ADMIN_ROUTE)]
+                    return m.request_headers_response(m.set_headers(pairs), clear_route_cache=True)
+                if self.catalog.card(path)[1] is None:
+                    raise GatewayError(
+                        "model_not_found", f"The model '{model_id}' does not exist.", "model"
+                    )
             model_id, card = self.catalog.card(path)
             if card is None:
                 raise GatewayError(
@@ -447,6 +462,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             log.exception("void_failed", request_id=st.request_id, reason=reason)
 
     def _response_headers(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
+        if st.health:
+            headers = m.header_map(req.response_headers.headers.headers)
+            if headers.get(":status") != "200":
+                raise GatewayError("internal_error", "Envoy's admin did not answer.")
+            return m.CONTINUE_RESPONSE_HEADERS  # the body (BUFFERED, per route) is mapped
         if st.control:
             headers = m.header_map(req.response_headers.headers.headers)
             err = control_routes.error_from_headers(headers)
@@ -511,6 +531,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         return settled_headers(st.reservation, s)
 
     def _response_body(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
+        if st.health:
+            assert st.model is not None
+            backend = self.cfg.backends_by_name[st.model.backend]
+            body = health.body(st.model, backend, req.response_body.body)
+            st.status = 200
+            pairs = [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                *st.id_headers(),
+            ]
+            return m.response_body_response(body, m.set_headers(pairs))
         translator = st.translator
         if translator is None:
             return m.CONTINUE_RESPONSE_BODY
