@@ -33,7 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from google.protobuf.struct_pb2 import Struct
 
-from . import control_routes, health
+from . import control_routes, health, openapi
 from . import messages as m
 from .auth import Authenticator, Principal
 from .config import Backend, GatewayConfig, Model
@@ -148,6 +148,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.max_body = cfg.listener.max_request_body_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
+        self.openapi_body = openapi.body(cfg)
 
     # ------------------------------------------------------------------ gRPC entry
     async def Process(self, request_iterator: Any, context: Any) -> None:
@@ -261,6 +262,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         st.request_id = rid
         if self.inflight > self.max_inflight:
             raise _OVERLOADED
+        if headers.get(":path") == openapi.OPENAPI_PATH:  # public: no credential needed
+            if headers.get(":method") != "GET":
+                raise GatewayError("method_not_allowed", f"Use GET for {openapi.OPENAPI_PATH}.")
+            st.status = 200
+            return m.immediate(200, self.openapi_body, "tollgate_openapi", st.id_headers())
         phases = st.phases
         t = time_ns() if phases is not None else 0
         try:
