@@ -167,7 +167,8 @@ class Gateway:
 def grant(url: str, account: str, credits: str) -> None:
     from extproc.cli import main
 
-    assert main(["credits", "grant", account, credits, "--config", url]) == 0
+    argv = ["credits", "grant", account, credits, "--config", url, "--admin-key", ADMIN_KEY]
+    assert main(argv) == 0
 
 
 def start_gateway(tmp: Path, config: dict[str, Any], credits: str = "1000") -> Gateway:
