@@ -570,8 +570,12 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
                 "use_request_id_for_trace_sampling": False,
             }
         },
-        # Clients are never trusted with x-envoy-* request headers.
-        "internal_address_config": {"cidr_ranges": []},
+        # Clients are never trusted with x-envoy-* request headers: no address is internal. An
+        # empty list would mean Envoy's default (loopback and RFC 1918 are internal), so the one
+        # range is TEST-NET-1 (RFC 5737), which never appears as a client.
+        "internal_address_config": {
+            "cidr_ranges": [{"address_prefix": "192.0.2.1", "prefix_len": 32}]
+        },
         # The client address (source.address for the processor) is the TCP peer's, or the
         # entry listener.trusted_proxy_hops names in X-Forwarded-For, which Envoy appends to.
         "use_remote_address": True,

@@ -187,7 +187,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     jwks = tmp / "jwks.json"
     write_jwks(jwks, (RSA_KEY, "rsa-1", "RS256"), (EC_KEY, "ec-1", "ES256"))
     config = base_config()
-    config["auth"] = {"jwt": jwt_config(jwks)}
+    config["auth"]["jwt"] = jwt_config(jwks)
     gw = start_gateway(tmp, config)
     from tests.harness import grant
 

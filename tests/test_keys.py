@@ -27,7 +27,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     revocation seen within one; a small failed-lookup limit."""
     config = base_config(workers=2)
     config["processor"]["key_cache_ttl"] = "60s"
-    config["auth"] = {"failed_lookups_per_minute": 5}
+    config["auth"]["failed_lookups_per_minute"] = 5
     gw = start_gateway(tmp_path_factory.mktemp("keys"), config)
     try:
         yield gw
