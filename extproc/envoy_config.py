@@ -206,30 +206,8 @@ def _control_routes(metered: bool) -> list[dict[str, Any]]:
     """The control API's REST paths (the processor authenticates; no body passes through it;
     it sees the response headers to render errors) and the transcoded gRPC call to a worker.
     A REST path the transcoder does not know stays on its route: a 404 in the gateway's shape."""
-    no_lua = (
-        {
-            "envoy.filters.http.lua": {
-                "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
-                "disabled": True,
-            }
-        }
-        if metered
-        else {}
-    )
-    rest = {
-        "envoy.filters.http.ext_proc": {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "request_body_mode": "NONE",
-                    "response_header_mode": "SEND",
-                    "response_body_mode": "NONE",
-                }
-            },
-        },
-        **no_lua,
-    }
+    no_lua = _no_lua(metered)
+    rest = {**_ext_proc_mode(response_headers="SEND"), **no_lua}
     routes: list[dict[str, Any]] = [
         {
             "name": "control_grpc",
@@ -331,7 +309,8 @@ def _settle_log() -> dict[str, Any]:
     }
 
 
-def _headers_only() -> dict[str, Any]:
+def _ext_proc_mode(response_headers: str = "SKIP", response_body: str = "NONE") -> dict[str, Any]:
+    """A route's ext_proc override: request headers only, plus what of the response it needs."""
     return {
         "envoy.filters.http.ext_proc": {
             "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -339,34 +318,24 @@ def _headers_only() -> dict[str, Any]:
                 "processing_mode": {
                     "request_header_mode": "SEND",
                     "request_body_mode": "NONE",
-                    "response_header_mode": "SKIP",
-                    "response_body_mode": "NONE",
+                    "response_header_mode": response_headers,
+                    "response_body_mode": response_body,
                 }
             },
         }
     }
 
 
-def _health_only(metered: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "envoy.filters.http.ext_proc": {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "request_body_mode": "NONE",
-                    "response_header_mode": "SEND",
-                    "response_body_mode": "BUFFERED",
-                }
-            },
-        }
-    }
-    if metered:
-        out["envoy.filters.http.lua"] = {
+def _no_lua(metered: bool) -> dict[str, Any]:
+    """The Lua stream meter disabled on a route (it only exists when metering is on)."""
+    if not metered:
+        return {}
+    return {
+        "envoy.filters.http.lua": {
             "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
             "disabled": True,
         }
-    return out
+    }
 
 
 def _backend_route(b: Backend, header_value: str) -> dict[str, Any]:
@@ -414,12 +383,7 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
         for value, lua_on in ((stream_route_value(b.name), True), (b.name, False)):
             route = _backend_route(b, value)
             if cfg.metering.enabled and not lua_on:
-                route["typed_per_filter_config"] = {
-                    "envoy.filters.http.lua": {
-                        "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
-                        "disabled": True,
-                    }
-                }
+                route["typed_per_filter_config"] = _no_lua(True)
             routes.append(route)
     # Model health: the processor sends it to Envoy's own admin (/clusters) and maps the answer.
     routes.append(
@@ -430,7 +394,10 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
             },
             "direct_response": {"status": 404},
-            "typed_per_filter_config": _health_only(cfg.metering.enabled),
+            "typed_per_filter_config": {
+                **_ext_proc_mode(response_headers="SEND", response_body="BUFFERED"),
+                **_no_lua(cfg.metering.enabled),
+            },
         }
     )
     routes.append(
@@ -453,7 +420,7 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
             },
             "direct_response": {"status": 404},
-            "typed_per_filter_config": _headers_only(),
+            "typed_per_filter_config": _ext_proc_mode(),
         }
     )
     # Everything else: the processor answers (401/404/...) or sets the routing header.
