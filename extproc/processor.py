@@ -318,24 +318,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if path == MODELS_PATH:
                 body = self.catalog.list_for(principal.models)
                 return m.immediate(200, body, "tollgate_models", st.id_headers())
-            if path.endswith(HEALTH_SUFFIX):  # Envoy's admin answers; see health.py
-                model_id, card = self.catalog.card(path[: -len(HEALTH_SUFFIX)])
-                if card is not None:
-                    _check_pool(principal, model_id)
-                    st.model = self.cfg.models_by_id[model_id]
-                    st.health = True
-                    pairs = [(":path", health.ADMIN_PATH), (ROUTE_HEADER, health.ADMIN_ROUTE)]
-                    return m.request_headers_response(m.set_headers(pairs), clear_route_cache=True)
-                if self.catalog.card(path)[1] is None:
-                    raise GatewayError(
-                        "model_not_found", f"The model '{model_id}' does not exist.", "model"
-                    )
             model_id, card = self.catalog.card(path)
+            if card is None and path.endswith(HEALTH_SUFFIX):  # Envoy's admin answers
+                model_id, card = self.catalog.card(path[: -len(HEALTH_SUFFIX)])
+                st.health = card is not None
             if card is None:
                 raise GatewayError(
                     "model_not_found", f"The model '{model_id}' does not exist.", "model"
                 )
             _check_pool(principal, model_id)
+            if st.health:  # see health.py: routed to Envoy's admin /clusters, mapped after
+                st.model = self.cfg.models_by_id[model_id]
+                pairs = [(":path", health.ADMIN_PATH), (ROUTE_HEADER, health.ADMIN_ROUTE)]
+                return m.request_headers_response(m.set_headers(pairs), clear_route_cache=True)
             return m.immediate(200, card, "tollgate_model", st.id_headers())
         raise GatewayError("not_found", f"Unknown path: {method} {path}.")
 
