@@ -201,7 +201,16 @@ async def of_account(client: aioredis.Redis, account: str) -> list[tuple[str, di
     for h in hashes:
         pipe.hgetall(store.key_record(h))
     records = await pipe.execute()
-    return [(h, r) for h, r in zip(hashes, records, strict=True) if r]
+    out = [(h, r) for h, r in zip(hashes, records, strict=True) if r]
+    legacy = [(h, r) for h, r in out if "id" not in r]  # keys made before key ids existed
+    if legacy:
+        pipe = client.pipeline(transaction=True)
+        for h, r in legacy:
+            r["id"] = key_id(h)
+            pipe.hset(store.key_record(h), "id", r["id"])
+            pipe.hset(store.key_index(), r["id"], h)
+        await pipe.execute()
+    return out
 
 
 async def change(

@@ -282,3 +282,17 @@ def test_grpc_on_a_worker_port(gateway: Gateway) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             stub.ListModels(admin_pb2.ListModelsRequest())
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_keys_made_before_key_ids_get_one_when_listed(gateway: Gateway, admin: Api) -> None:
+    from extproc.keys import hash_key
+    from extproc.store import connect_sync
+
+    account = "t-" + uuid.uuid4().hex[:10]
+    raw = gateway.new_key("legacy", account)
+    store = connect_sync(gateway.cfg.store_url)
+    store.hdel(f"tg:key:{hash_key(raw)}", "id")
+    store.hdel("tg:key-ids", "key_" + hash_key(raw)[:16])
+    [listed] = admin.ok("GET", "/v1/keys", account=account)["data"]
+    assert listed["id"] == "key_" + hash_key(raw)[:16]
+    assert admin.ok("GET", f"/v1/keys/{listed['id']}")["prefix"] == raw[:11]
