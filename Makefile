@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= tollgate.yaml
 
-.PHONY: up test bench lint format render-envoy clean
+.PHONY: up test bench lint format render-envoy protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# the control API's code, generated from protos/ and checked in (a test keeps it current)
+protos: $(STAMP)
+	$(BIN)/python -m extproc.protogen
 
 render-envoy: $(STAMP)
 	$(BIN)/tollgate render-envoy --config $(CONFIG) > envoy/envoy.yaml

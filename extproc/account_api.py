@@ -1,42 +1,32 @@
-"""The caller's own account, answered by the processor from the store (no backend):
+"""An account's money as the control API shows it (control_api.py serves these):
 
     GET /v1/credits                                   balance, reserved, available
     GET /v1/credits/transactions?limit=50&before=MS   ledger entries, newest first, paged
     GET /v1/usage?since=&until=&model=&limit=100      per-request usage records, newest first
 
 Amounts are shown as decimal strings ("1234.50"); times as Unix milliseconds (``ts``) and ISO
-8601 (``time``). ``since``/``until`` take either form. Each answer is scoped to the account of
-the key that asks.
+8601 (``time``). ``since``/``until``/``before`` take either form. The caller decides the
+account (control_api.py: the caller's own unless an operator names another).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-import orjson
-
-from .auth import Principal
 from .errors import invalid
 from .ledger import Ledger
 from .money import format_credits
 
-ACCOUNT_PATHS = frozenset({"/v1/credits", "/v1/credits/transactions", "/v1/usage"})
 _MAX_LIMIT = 1000
 
 
-def _query(full_path: str) -> dict[str, str]:
-    return {k: v[-1] for k, v in parse_qs(urlsplit(full_path).query).items()}
-
-
-def _int(q: dict[str, str], name: str, default: int, high: int = _MAX_LIMIT) -> int:
-    raw = q.get(name)
-    if raw is None:
+def _limit(value: int, default: int) -> int:
+    if value == 0:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= high:
-        raise invalid(f"'{name}' must be an integer between 1 and {high}.", name)
-    return int(raw)
+    if not 1 <= value <= _MAX_LIMIT:
+        raise invalid(f"'limit' must be an integer between 1 and {_MAX_LIMIT}.", "limit")
+    return value
 
 
 def parse_time(raw: str, name: str) -> int:
@@ -66,41 +56,44 @@ def _show_entry(e: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class AccountApi:
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+async def credits(ledger: Ledger, account: str) -> dict[str, Any]:
+    b = await ledger.balance(account)
+    return {
+        "object": "credits",
+        "account": account,
+        "balance": format_credits(b.balance),
+        "reserved": format_credits(b.pending),
+        "available": format_credits(b.available),
+    }
 
-    async def handle(self, path: str, full_path: str, principal: Principal) -> bytes:
-        q = _query(full_path)
-        account = principal.account
-        if path == "/v1/credits":
-            b = await self.ledger.balance(account)
-            return orjson.dumps(
-                {
-                    "object": "credits",
-                    "account": account,
-                    "balance": format_credits(b.balance),
-                    "reserved": format_credits(b.pending),
-                    "available": format_credits(b.available),
-                }
-            )
-        if path == "/v1/credits/transactions":
-            limit = _int(q, "limit", 50)
-            before = parse_time(q["before"], "before") if "before" in q else None
-            entries = await self.ledger.transactions(account, limit=limit, before_ms=before)
-            return orjson.dumps(
-                {
-                    "object": "list",
-                    "data": [_show_entry(e) for e in entries],
-                    "has_more": len(entries) == limit,
-                    "next_before": entries[-1]["ts"] if len(entries) == limit else None,
-                }
-            )
-        # /v1/usage
-        limit = _int(q, "limit", 100)
-        since = parse_time(q["since"], "since") if "since" in q else None
-        until = parse_time(q["until"], "until") if "until" in q else None
-        records = await self.ledger.usage(
-            account, since_ms=since, until_ms=until, model=q.get("model"), limit=limit
-        )
-        return orjson.dumps({"object": "list", "data": [_show_entry(r) for r in records]})
+
+async def transactions(
+    ledger: Ledger, account: str, limit: int = 0, before: str = ""
+) -> dict[str, Any]:
+    limit = _limit(limit, 50)
+    before_ms = parse_time(before, "before") if before else None
+    entries = await ledger.transactions(account, limit=limit, before_ms=before_ms)
+    return {
+        "object": "list",
+        "data": [_show_entry(e) for e in entries],
+        "has_more": len(entries) >= limit,
+        "next_before": entries[-1]["ts"] if len(entries) >= limit else None,
+    }
+
+
+async def usage(
+    ledger: Ledger,
+    account: str,
+    since: str = "",
+    until: str = "",
+    model: str = "",
+    limit: int = 0,
+) -> dict[str, Any]:
+    records = await ledger.usage(
+        account,
+        since_ms=parse_time(since, "since") if since else None,
+        until_ms=parse_time(until, "until") if until else None,
+        model=model or None,
+        limit=_limit(limit, 100),
+    )
+    return {"object": "list", "data": [_show_entry(r) for r in records]}

@@ -138,6 +138,10 @@ class Listener:
     port: int = 8080
     max_request_body_bytes: int = 1024 * 1024
     max_upload_bytes: int = 25 * 1024 * 1024  # multipart uploads (audio transcriptions)
+    # Proxies in front of Envoy whose X-Forwarded-For entries are trusted (Envoy's
+    # xff_num_trusted_hops). 0: the client address is the TCP peer's, and X-Forwarded-For
+    # cannot change it.
+    trusted_proxy_hops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,54 @@ class Tracing:
     service_name: str = "tollgate"
 
 
+SCOPES = ("models:use", "keys:manage", "credits:manage", "usage:read")
+DEFAULT_SCOPES = ("models:use", "usage:read")  # a key created without scopes; legacy keys
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")  # what may be pinned; "none" never is
+ADMIN_KEY_ENV = "TOLLGATE_ADMIN_KEY"  # the bootstrap admin key (raw) for every worker
+
+
+@dataclass(frozen=True, slots=True)
+class Jwt:
+    """Bearer (or cookie) JWTs from the operator's identity provider, verified with pyjwt."""
+
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...]  # pinned: a token with any other "alg" is refused
+    hs256_secret: str | None = None  # or from the environment variable named by secret_env
+    secret_env: str | None = None
+    jwks_file: str | None = None  # RS256/ES256 public keys; re-read when the file changes
+    cookie: str | None = None  # also accept the token from this cookie
+    account_claim: str = "sub"
+    scopes_claim: str = "scope"  # a space-separated string or a list
+    models_claim: str | None = None  # optional: the model pool (a list); absent = all
+    default_scopes: tuple[str, ...] = DEFAULT_SCOPES  # when the token has no scopes claim
+    leeway_s: float = 0.0
+
+    def secret(self) -> str | None:
+        if self.secret_env:
+            return os.environ.get(self.secret_env) or None
+        return self.hs256_secret
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Who may call: API keys (always), an operator's bootstrap admin key, JWTs."""
+
+    admin_account: str = "admin"  # keys of this account act on every account (operators)
+    admin_key_sha256: str | None = None  # the bootstrap admin key's SHA-256; or $TOLLGATE_ADMIN_KEY
+    failed_lookups_per_minute: int = 30  # unknown keys per client address; 0 = no limit
+    jwt: Jwt | None = None
+
+    def admin_key_hash(self) -> str | None:
+        """The bootstrap admin key's SHA-256 (hex): from $TOLLGATE_ADMIN_KEY, else the file."""
+        import hashlib
+
+        raw = os.environ.get(ADMIN_KEY_ENV)
+        if raw:
+            return hashlib.sha256(raw.encode()).hexdigest()
+        return self.admin_key_sha256
+
+
 OTLP_ENV = "TOLLGATE_OTLP_ENDPOINT"  # `tollgate up --otlp HOST:PORT` sets it for its children
 
 
@@ -220,6 +272,7 @@ class GatewayConfig:
     models: tuple[Model, ...]
     metering: Metering = field(default_factory=Metering)
     tracing: Tracing = field(default_factory=Tracing)
+    auth: Auth = field(default_factory=Auth)
     source: str = "<memory>"
     backends_by_name: dict[str, Backend] = field(default_factory=dict, compare=False)
     models_by_id: dict[str, Model] = field(default_factory=dict, compare=False)
@@ -542,6 +595,84 @@ MAX_SPEECH_CHARACTERS = 4096  # OpenAI's limit on /v1/audio/speech input
 MAX_IMAGES = 10  # OpenAI's limit on n for /v1/images/generations
 
 
+def _scopes(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ConfigError(path, "expected a list of scopes")
+    unknown = [s for s in value if s not in SCOPES]
+    if unknown:
+        raise ConfigError(path, f"unknown scope {unknown[0]!r} (scopes: {', '.join(SCOPES)})")
+    return tuple(value)
+
+
+def _jwt(data: Any, path: str) -> Jwt:
+    r = _Reader(data, path)
+    algorithms = r.get("algorithms")
+    if not isinstance(algorithms, list) or not algorithms:
+        raise ConfigError(f"{path}.algorithms", f"pin at least one of {', '.join(JWT_ALGORITHMS)}")
+    for i, alg in enumerate(algorithms):
+        if alg not in JWT_ALGORITHMS:
+            raise ConfigError(
+                f"{path}.algorithms[{i}]",
+                f"{alg!r} is not accepted (one of {', '.join(JWT_ALGORITHMS)}; never 'none')",
+            )
+    jwt = Jwt(
+        issuer=r.str("issuer"),
+        audience=r.str("audience"),
+        algorithms=tuple(algorithms),
+        hs256_secret=r.get("hs256_secret"),
+        secret_env=r.get("hs256_secret_env"),
+        jwks_file=r.get("jwks_file"),
+        cookie=r.get("cookie"),
+        account_claim=r.str("account_claim", "sub"),
+        scopes_claim=r.str("scopes_claim", "scope"),
+        models_claim=r.get("models_claim"),
+        default_scopes=_scopes(
+            r.get("default_scopes", list(DEFAULT_SCOPES)), f"{path}.default_scopes"
+        ),
+        leeway_s=parse_duration(r.get("leeway", 0)) or 0.0,
+    )
+    r.done()
+    for name in ("hs256_secret", "hs256_secret_env", "jwks_file", "cookie", "models_claim"):
+        value = getattr(jwt, "secret_env" if name == "hs256_secret_env" else name)
+        if value is not None and not (isinstance(value, str) and value):
+            raise ConfigError(f"{path}.{name}", "expected a non-empty string")
+    if "HS256" in jwt.algorithms:
+        if not (jwt.hs256_secret or jwt.secret_env):
+            raise ConfigError(
+                f"{path}.hs256_secret", "HS256 needs hs256_secret or hs256_secret_env"
+            )
+        if jwt.hs256_secret is not None and len(jwt.hs256_secret) < 32:
+            raise ConfigError(f"{path}.hs256_secret", "must be at least 32 characters")
+    elif jwt.hs256_secret or jwt.secret_env:
+        raise ConfigError(f"{path}.hs256_secret", "set, but HS256 is not in algorithms")
+    if {"RS256", "ES256"} & set(jwt.algorithms) and not jwt.jwks_file:
+        raise ConfigError(f"{path}.jwks_file", "RS256/ES256 need a JWKS file with the public keys")
+    if jwt.cookie is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", jwt.cookie):
+        raise ConfigError(f"{path}.cookie", f"{jwt.cookie!r} is not a cookie name")
+    return jwt
+
+
+def _auth(data: Any, path: str) -> Auth:
+    r = _Reader(data, path)
+    auth = Auth(
+        admin_account=r.str("admin_account", "admin", pattern=_NAME_RE),
+        admin_key_sha256=r.get("admin_key_sha256"),
+        failed_lookups_per_minute=r.int("failed_lookups_per_minute", 30),
+        jwt=_jwt(r.get("jwt"), f"{path}.jwt") if r.get("jwt") is not None else None,
+    )
+    r.done()
+    digest = auth.admin_key_sha256
+    if digest is not None and not (
+        isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
+    ):
+        raise ConfigError(
+            f"{path}.admin_key_sha256",
+            "expected the key's SHA-256 as 64 lower-case hex digits"
+            ' (printf %s "$KEY" | sha256sum)',
+        )
+    return auth
+
+
 def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
     """Validate a config mapping (as loaded from YAML) into a GatewayConfig."""
     root = _Reader(data, "")
@@ -551,6 +682,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         port=lr.port("port", 8080),
         max_request_body_bytes=lr.size("max_request_body_bytes", 1024 * 1024),
         max_upload_bytes=lr.size("max_upload_bytes", 25 * 1024 * 1024),
+        trusted_proxy_hops=lr.int("trusted_proxy_hops", 0, high=10),
     )
     lr.done()
     pr = root.child("processor")
@@ -603,6 +735,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         service_name=tr.str("service_name", "tollgate"),
     )
     tr.done()
+    auth = _auth(root.get("auth"), "auth")
     sr = root.child("store")
     store = Store(
         url=sr.get("url"),
@@ -670,6 +803,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         models=tuple(models.values()),
         metering=metering,
         tracing=tracing,
+        auth=auth,
         source=source,
     )
 

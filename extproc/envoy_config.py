@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from . import control_routes, health
 from .config import Backend, GatewayConfig
 from .dialects import DIALECT_KEY, ENVELOPE, ENVELOPE_PREFIX, ENVELOPE_ROUTES
 from .errors import ENVOY_LOCAL_REPLIES, local_reply_body
@@ -49,6 +50,7 @@ _JSON_NAME = "envoy.filters.http.json_to_metadata"
 _SSE_NAME = "envoy.filters.http.sse_to_metadata"
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
+ADMIN_CLUSTER = "tollgate_envoy_admin"  # Envoy's own admin, for GET /v1/models/{id}/health
 OTLP_CLUSTER = "tollgate_otlp"
 METADATA_NS = "tollgate"  # what the processor sets at request time (read by Lua and the log)
 TIMING_NS = "tollgate.timing"  # the stream meter's first-chunk time (TTFT)
@@ -182,9 +184,58 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
                 "forwarding_namespaces": {"untyped": [USAGE_NS]},
                 "receiving_namespaces": {"untyped": [METADATA_NS]},
             },
+            # The client's address for the failed-lookup limit (auth.py): Envoy's own view,
+            # never a header the client wrote.
+            "request_attributes": ["source.address"],
             "stat_prefix": "tollgate",
         },
     }
+
+
+def _transcoder() -> dict[str, Any]:
+    """REST <-> gRPC for the control API (control_routes.py), from the proto's descriptors."""
+    import base64
+
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": _T
+            + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor_bin": base64.b64encode(control_routes.descriptor_set()).decode(),
+            "services": [control_routes.SERVICE_NAME],
+            "print_options": {
+                "always_print_primitive_fields": True,
+                "preserve_proto_field_names": True,
+            },
+            "request_validation_options": {"reject_unknown_query_parameters": True},
+        },
+    }
+
+
+def _control_routes(metered: bool) -> list[dict[str, Any]]:
+    """The control API's REST paths (the processor authenticates; no body passes through it;
+    it sees the response headers to render errors) and the transcoded gRPC call to a worker.
+    A REST path the transcoder does not know stays on its route: a 404 in the gateway's shape."""
+    no_lua = _no_lua(metered)
+    rest = {**_ext_proc_mode(response_headers="SEND"), **no_lua}
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "control_grpc",
+            "match": {"prefix": control_routes.GRPC_PREFIX},
+            "route": {"cluster": EXTPROC_CLUSTER, "timeout": "15s"},
+            "typed_per_filter_config": no_lua,
+        }
+    ]
+    for root in control_routes.ROOTS:
+        routes.append(
+            {
+                "name": "control" + root.replace("/", "_"),
+                "match": {"path_separated_prefix": root},
+                "direct_response": {"status": 404},
+                "typed_per_filter_config": rest,
+            }
+        )
+    return routes
 
 
 def _usage_rules(
@@ -287,7 +338,8 @@ def _settle_log() -> dict[str, Any]:
     }
 
 
-def _headers_only() -> dict[str, Any]:
+def _ext_proc_mode(response_headers: str = "SKIP", response_body: str = "NONE") -> dict[str, Any]:
+    """A route's ext_proc override: request headers only, plus what of the response it needs."""
     return {
         "envoy.filters.http.ext_proc": {
             "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
@@ -295,8 +347,8 @@ def _headers_only() -> dict[str, Any]:
                 "processing_mode": {
                     "request_header_mode": "SEND",
                     "request_body_mode": "NONE",
-                    "response_header_mode": "SKIP",
-                    "response_body_mode": "NONE",
+                    "response_header_mode": response_headers,
+                    "response_body_mode": response_body,
                 }
             },
         }
@@ -355,6 +407,18 @@ def _reroute_filter() -> dict[str, Any]:
     }
 
 
+def _no_lua(metered: bool) -> dict[str, Any]:
+    """The Lua stream meter disabled on a route (it only exists when metering is on)."""
+    if not metered:
+        return {}
+    return {
+        "envoy.filters.http.lua": {
+            "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+            "disabled": True,
+        }
+    }
+
+
 def _backend_route(b: Backend, header_value: str) -> dict[str, Any]:
     return {
         "name": f"to_{header_value}",
@@ -391,7 +455,8 @@ def stream_route_value(backend_name: str) -> str:
 
 
 def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
-    routes: list[dict[str, Any]] = []
+    # The control API's transcoded calls first: a client's routing header cannot divert them.
+    routes: list[dict[str, Any]] = _control_routes(cfg.metering.enabled)
     for b in cfg.backends:
         # Two routes per backend: metered streams (the Lua stream meter runs) and the rest (Lua
         # disabled per route: measured, it cost ~30% of the metered throughput on requests it
@@ -399,13 +464,34 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
         for value, lua_on in ((stream_route_value(b.name), True), (b.name, False)):
             route = _backend_route(b, value)
             if cfg.metering.enabled and not lua_on:
-                route["typed_per_filter_config"] = {
-                    "envoy.filters.http.lua": {
-                        "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
-                        "disabled": True,
-                    }
-                }
+                route["typed_per_filter_config"] = _no_lua(True)
             routes.append(route)
+    # Model health: the processor sends it to Envoy's own admin (/clusters) and maps the answer.
+    routes.append(
+        {
+            "name": "model_health",
+            "match": {
+                "safe_regex": {"regex": "^/v1/models/.+/health$"},
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "direct_response": {"status": 404},
+            "typed_per_filter_config": {
+                **_ext_proc_mode(response_headers="SEND", response_body="BUFFERED"),
+                **_no_lua(cfg.metering.enabled),
+            },
+        }
+    )
+    routes.append(
+        {
+            "name": "envoy_admin",
+            "match": {
+                "path": "/clusters",
+                "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": health.ADMIN_ROUTE}}],
+            },
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "2s"},
+            "request_headers_to_remove": [ROUTE_HEADER, "authorization", "cookie"],
+        }
+    )
     # Answered by the processor from the config; never forwarded.
     routes.append(
         {
@@ -415,7 +501,7 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
                 "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
             },
             "direct_response": {"status": 404},
-            "typed_per_filter_config": _headers_only(),
+            "typed_per_filter_config": _ext_proc_mode(),
         }
     )
     # Audio and images (see _media_route).
@@ -567,8 +653,16 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
                 "use_request_id_for_trace_sampling": False,
             }
         },
-        # Clients are never trusted with x-envoy-* request headers.
-        "internal_address_config": {"cidr_ranges": []},
+        # Clients are never trusted with x-envoy-* request headers: no address is internal. An
+        # empty list would mean Envoy's default (loopback and RFC 1918 are internal), so the one
+        # range is TEST-NET-1 (RFC 5737), which never appears as a client.
+        "internal_address_config": {
+            "cidr_ranges": [{"address_prefix": "192.0.2.1", "prefix_len": 32}]
+        },
+        # The client address (source.address for the processor) is the TCP peer's, or the
+        # entry listener.trusted_proxy_hops names in X-Forwarded-For, which Envoy appends to.
+        "use_remote_address": True,
+        "xff_num_trusted_hops": cfg.listener.trusted_proxy_hops,
         "stream_idle_timeout": "300s",
         "local_reply_config": _local_reply_config(),
         "route_config": {
@@ -580,6 +674,7 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
             *([_lua_filter()] if metered else []),
             _ext_proc_filter(cfg),
             _reroute_filter(),
+            _transcoder(),
             *(_metering_filters() if metered else []),
             {
                 "name": "envoy.filters.http.router",
@@ -682,7 +777,12 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": [extproc, *(backend_cluster(b) for b in cfg.backends), *extra_clusters],
+            "clusters": [
+                extproc,
+                *(backend_cluster(b) for b in cfg.backends),
+                _cluster(ADMIN_CLUSTER, [("127.0.0.1", cfg.envoy.admin_port)], 1.0),
+                *extra_clusters,
+            ],
         },
     }
     if runtime:

@@ -32,10 +32,18 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_api_key": (401, "authentication_error"),
     "key_expired": (401, "authentication_error"),
     "key_revoked": (401, "authentication_error"),
+    # JWTs (auth.py): each way a token can be refused has its own code
+    "invalid_token": (401, "authentication_error"),  # malformed, bad signature, unknown kid
+    "token_algorithm_not_allowed": (401, "authentication_error"),  # alg none, HS/RS confusion
+    "token_expired": (401, "authentication_error"),
+    "token_not_yet_valid": (401, "authentication_error"),
+    "invalid_issuer": (401, "authentication_error"),
+    "invalid_audience": (401, "authentication_error"),
     "permission_denied": (403, "permission_error"),
     "model_not_found": (404, "invalid_request_error"),
     "not_found": (404, "invalid_request_error"),
     "method_not_allowed": (405, "invalid_request_error"),
+    "conflict": (409, "invalid_request_error"),
     "insufficient_credits": (402, "insufficient_credits"),
     "rate_limit_exceeded": (429, "rate_limit_error"),
     "invalid_request_error": (400, "invalid_request_error"),
@@ -132,6 +140,12 @@ ENVOY_LOCAL_REPLIES: tuple[tuple[str, int, str, str], ...] = (
         503,
         "gateway_unavailable",
         "The gateway's request processor is unavailable; the request was not forwarded.",
+    ),
+    (
+        "response.code_details.contains('grpc_json_transcode_failure')",
+        400,
+        "invalid_request_error",
+        "The request does not match the control API (see /openapi.json): %LOCAL_REPLY_BODY%",
     ),
     (
         "flags:UO",

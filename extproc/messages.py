@@ -92,13 +92,16 @@ def error_response(
 
 
 def request_headers_response(
-    headers: HeaderMutation, clear_route_cache: bool = False, mode: ProcessingMode | None = None
+    headers: HeaderMutation,
+    remove: Iterable[str] = (),
+    clear_route_cache: bool = False,
+    mode: ProcessingMode | None = None,
 ) -> ProcessingResponse:
-    resp = ProcessingResponse(
-        request_headers=HeadersResponse(
-            response=CommonResponse(header_mutation=headers, clear_route_cache=clear_route_cache)
-        )
-    )
+    """Continue with ``headers`` set and the ``remove`` headers removed."""
+    if remove:
+        headers.remove_headers.extend(remove)
+    common = CommonResponse(header_mutation=headers, clear_route_cache=clear_route_cache)
+    resp = ProcessingResponse(request_headers=HeadersResponse(response=common))
     if mode is not None:
         resp.mode_override.CopyFrom(mode)
     return resp

@@ -67,8 +67,22 @@ class ModelCatalog:
     def __init__(self, cfg: GatewayConfig) -> None:
         created = int(time.time())
         cards = [_card(m, created) for m in cfg.models]
+        self.cards = cards
         self.list_body = orjson.dumps({"object": "list", "data": cards})
         self.card_bodies = {c["id"]: orjson.dumps(c) for c in cards}
+        self._pools: dict[frozenset[str], bytes] = {}
+
+    def list_for(self, pool: frozenset[str] | None) -> bytes:
+        """The model list a credential with this model pool sees (None: every model)."""
+        if pool is None:
+            return self.list_body
+        body = self._pools.get(pool)
+        if body is None:
+            if len(self._pools) > 1000:
+                self._pools.clear()
+            cards = [c for c in self.cards if c["id"] in pool]
+            body = self._pools[pool] = orjson.dumps({"object": "list", "data": cards})
+        return body
 
     def card(self, path: str) -> tuple[str, bytes | None]:
         """(model id, its card or None) for a ``/v1/models/{id}`` path."""

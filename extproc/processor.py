@@ -41,10 +41,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from google.protobuf.struct_pb2 import Struct
 
-from . import logs
+from . import control_routes, health, logs, openapi
 from . import messages as m
-from .account_api import ACCOUNT_PATHS, AccountApi
-from .auth import KeyAuthenticator, Principal
+from .auth import Authenticator, Principal
 from .config import Backend, GatewayConfig, Model
 from .dialects import (
     DIALECT_KEY,
@@ -83,6 +82,8 @@ _NO_BODY = GatewayError("invalid_request_error", "This endpoint needs a JSON req
 # makes one and says why in X-Request-ID-Replaced ("missing" is not reported: Envoy makes one).
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=~-]{1,128}")
 REPLACED_HEADER = "x-request-id-replaced"
+HEALTH_SUFFIX = "/health"
+_GRPC_HEADERS = ("grpc-status", "grpc-message", "grpc-accept-encoding")  # transcoded answers
 
 
 class RequestState:
@@ -93,9 +94,11 @@ class RequestState:
         "backend_status",
         "buffered",
         "client_path",
+        "control",
         "defer_settle",
         "dialect",
         "envelope",
+        "health",
         "id_note",
         "model",
         "op",
@@ -128,6 +131,8 @@ class RequestState:
         self.translator: Translator | None = None
         self.backend_status = 0
         self.buffered = False  # response body BUFFERED (whole body in one message)
+        self.control = False  # a control-API call (transcoded by Envoy, served by a worker)
+        self.health = False  # GET /v1/models/{id}/health: Envoy's admin /clusters, mapped
         self.reservation: Reservation | None = None
         self.settled = False  # settled here, or handed to Envoy's stream meter (streams)
         self.stream = False
@@ -160,9 +165,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     def __init__(
         self,
         cfg: GatewayConfig,
-        auth: KeyAuthenticator,
+        auth: Authenticator,
         meter: Meter,
-        account_api: AccountApi,
         metrics: Metrics,
         tracing: Tracing | None = None,
     ) -> None:
@@ -172,13 +176,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.auth = auth
         self.meter = meter
         self.metered = cfg.metering.enabled  # off: no reservation, no settlement, no limits
-        self.account_api = account_api
         self.catalog = ModelCatalog(cfg)
         self.max_body = cfg.listener.max_request_body_bytes
         self.max_upload = cfg.listener.max_upload_bytes
         self.max_inflight = cfg.processor.max_inflight
         self.inflight = 0
         self.debug = logs.debug_enabled()  # one line per phase at debug level
+        self.openapi_body = openapi.body(cfg)
 
     # ------------------------------------------------------------------ gRPC entry
     async def Process(self, request_iterator: Any, context: Any) -> None:
@@ -323,10 +327,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         st.dialect = dialect_of(path)  # first: every refusal below comes in its shape
         if self.inflight > self.max_inflight:
             raise _OVERLOADED
+        if headers.get(":path") == openapi.OPENAPI_PATH:  # public: no credential needed
+            if headers.get(":method") != "GET":
+                raise GatewayError("method_not_allowed", f"Use GET for {openapi.OPENAPI_PATH}.")
+            st.status = 200
+            return m.immediate(200, self.openapi_body, "tollgate_openapi", st.id_headers())
         phases = st.phases
         t = time_ns() if phases is not None else 0
         try:
-            st.principal = await self.auth.authenticate(headers.get("authorization"))
+            principal = st.principal = await self.auth.authenticate(
+                headers.get("authorization"), headers.get("cookie"), lambda: client_address(req)
+            )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             log.error("store_unreachable", request_id=st.request_id)
             raise _STORE_DOWN from None
@@ -342,8 +353,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             op_path = envelope.openai_path
         else:
             model, route = proxy_target(path, method, self.cfg)
-            # Per-key model pools (issue #5): a key not allowed this model is refused here, as
-            # the other dialects refuse it in the body phase once the model is known.
+            # Per-key model pools: a key not allowed this model is refused here, as the other
+            # dialects refuse it in the body phase once the model is known.
+            _check_pool(st.principal, model.id)
             st.model, st.backend = model, self.cfg.backends_by_name[model.backend]
             st.proxy = st.translator = ProxyTranslator(model, route)
             op = route.op
@@ -355,6 +367,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             st.timeout_s = _timeout_of(headers)
             if method != "POST":
                 raise GatewayError("method_not_allowed", f"Use POST for {path}.")
+            principal.require("models:use")
             if msg.end_of_stream:
                 raise _NO_BODY
             length = headers.get("content-length")
@@ -369,24 +382,33 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if st.id_note:  # the backend, Envoy's log and later phases see the new id
                 return m.request_headers_response(m.set_headers(st.id_headers()[:1]))
             return m.CONTINUE_REQUEST_HEADERS
-        if path in ACCOUNT_PATHS:
-            if method != "GET":
-                raise GatewayError("method_not_allowed", f"Use GET for {path}.")
-            assert st.principal is not None
-            body = await self.account_api.handle(path, headers.get(":path", ""), st.principal)
-            st.status = 200
-            return m.immediate(200, body, "tollgate_account", st.id_headers())
+        if control_routes.is_control_path(path):
+            control_routes.match(method, path)  # 404/405 here, in the gateway's shape
+            st.control = True  # Envoy's transcoder calls the control API (control_api.py)
+            return m.request_headers_response(
+                m.set_headers(st.id_headers()[:1] if st.id_note else ()), [ROUTE_HEADER]
+            )
         if path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
             if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {path}.")
+            principal.require("models:use")
             st.status = 200
             if path == MODELS_PATH:
-                return m.immediate(200, self.catalog.list_body, "tollgate_models", st.id_headers())
+                body = self.catalog.list_for(principal.models)
+                return m.immediate(200, body, "tollgate_models", st.id_headers())
             model_id, card = self.catalog.card(path)
+            if card is None and path.endswith(HEALTH_SUFFIX):  # Envoy's admin answers
+                model_id, card = self.catalog.card(path[: -len(HEALTH_SUFFIX)])
+                st.health = card is not None
             if card is None:
                 raise GatewayError(
                     "model_not_found", f"The model '{model_id}' does not exist.", "model"
                 )
+            _check_pool(principal, model_id)
+            if st.health:  # see health.py: routed to Envoy's admin /clusters, mapped after
+                st.model = self.cfg.models_by_id[model_id]
+                pairs = [(":path", health.ADMIN_PATH), (ROUTE_HEADER, health.ADMIN_ROUTE)]
+                return m.request_headers_response(m.set_headers(pairs), clear_route_cache=True)
             return m.immediate(200, card, "tollgate_model", st.id_headers())
         raise GatewayError("not_found", f"Unknown path: {method} {path}.")
 
@@ -416,6 +438,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 raise GatewayError(
                     "model_not_found", f"The model '{model_id}' does not exist.", "model"
                 )
+            _check_pool(st.principal, model_id)
             if model.kind != op.model_kind:
                 raise GatewayError(
                     "invalid_request_error",
@@ -470,7 +493,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         pairs = self._upstream(st, st.backend.name, st.proxy.route.path)
         if st.id_note:
             pairs += st.id_headers()[:1]
-        return m.request_headers_response(m.set_headers(pairs), True, m.SKIP_REQUEST_BODY)
+        return m.request_headers_response(
+            m.set_headers(pairs), clear_route_cache=True, mode=m.SKIP_REQUEST_BODY
+        )
 
     def _upstream(self, st: RequestState, route: str, path: str | None) -> list[tuple[str, str]]:
         """The routing header, the backend's path if it differs from the client's, and the
@@ -570,6 +595,20 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             log.exception("void_failed", request_id=st.request_id, reason=reason)
 
     def _response_headers(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
+        if st.health:
+            headers = m.header_map(req.response_headers.headers.headers)
+            if headers.get(":status") != "200":
+                raise GatewayError("internal_error", "Envoy's admin did not answer.")
+            return m.CONTINUE_RESPONSE_HEADERS  # the body (BUFFERED, per route) is mapped
+        if st.control:
+            headers = m.header_map(req.response_headers.headers.headers)
+            err = control_routes.error_from_headers(headers)
+            if err is not None:
+                raise err
+            st.status = int(headers.get(":status", "0") or 0)
+            mutation = m.set_headers(st.id_headers())
+            mutation.remove_headers.extend(_GRPC_HEADERS)
+            return m.response_headers_response(mutation)
         model, translator, res = st.model, st.translator, st.reservation
         if model is None or translator is None:
             return m.response_headers_response(m.set_headers(st.id_headers()))
@@ -630,6 +669,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         return settled_headers(st.reservation, s)
 
     def _response_body(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
+        if st.health:
+            assert st.model is not None
+            backend = self.cfg.backends_by_name[st.model.backend]
+            body = health.body(st.model, backend, req.response_body.body)
+            st.status = 200
+            pairs = [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                *st.id_headers(),
+            ]
+            return m.response_body_response(body, m.set_headers(pairs))
         translator = st.translator
         if translator is None:
             return m.CONTINUE_RESPONSE_BODY
@@ -691,6 +741,29 @@ def _request_timeout(value: str) -> float:
             "X-Request-Timeout",
         )
     return seconds
+
+
+def _check_pool(principal: Principal, model_id: str) -> None:
+    if not principal.may_use(model_id):
+        raise GatewayError(
+            "permission_denied",
+            f"This credential may not use the model '{model_id}'.",
+            "model",
+        )
+
+
+def client_address(req: ProcessingRequest) -> str:
+    """The client's IP address as Envoy sees it (``source.address``: the TCP peer, or the
+    address listener.trusted_proxy_hops picks from X-Forwarded-For); never a header the client
+    wrote itself."""
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None:
+        return ""
+    value = attrs.fields["source.address"].string_value if "source.address" in attrs.fields else ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        return value
+    return host.strip("[]")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -16,13 +16,14 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from . import logs, store
-from .account_api import AccountApi
-from .auth import KeyAuthenticator
+from .auth import Authenticator
 from .config import GatewayConfig
+from .control_api import ControlApi
 from .ledger import Ledger
 from .metering import Meter
 from .metrics import Metrics, serve_metrics
 from .processor import Processor
+from .proto import admin_pb2_grpc
 from .resp import ScriptClient
 from .settle_service import SettleLog, sweep_forever
 from .tracing import Tracing
@@ -40,13 +41,9 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     ledger = Ledger(client, fast)
     metrics = Metrics(cfg.processor.metrics)
     meter = Meter(cfg, ledger, metrics)
-    auth = KeyAuthenticator(
-        client,
-        ttl=cfg.processor.key_cache_ttl_s,
-        default_limits=cfg.metering.default_limits,
-    )
+    auth = Authenticator(client, cfg)
     tracing = Tracing(cfg, index)
-    processor = Processor(cfg, auth, meter, AccountApi(ledger), metrics, tracing)
+    processor = Processor(cfg, auth, meter, metrics, tracing)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -57,11 +54,13 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(SettleLog(meter, metrics, tracing), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(ControlApi(cfg, client, auth, ledger), server)
     port = cfg.processor.port + index
     server.add_insecure_port(f"{cfg.processor.bind_host}:{port}")
     await server.start()
     tracing.start()
     sweeper = asyncio.create_task(sweep_forever(ledger, cfg.metering.sweep_interval_s, metrics))
+    invalidations = asyncio.create_task(auth.listen(cfg.store_url))
     scrape = (
         await serve_metrics(metrics, cfg.processor.bind_host, cfg.processor.metrics_port + index)
         if cfg.processor.metrics
@@ -75,6 +74,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     print(f"{READY_LINE} port={port}", flush=True)
     await stop.wait()
     sweeper.cancel()
+    invalidations.cancel()
     if scrape is not None:
         scrape.close()
     await server.stop(grace=2)

@@ -3,13 +3,20 @@
 All shared state lives here; workers keep only short-lived caches. Key names are built by the
 functions below and nowhere else, so a reader can see the whole layout in one place:
 
-    tg:key:{sha256}        hash   one API key: account, name, prefix, created_at, status
+    tg:key:{sha256}        hash   one API key (fields: extproc/keys.py)
     tg:account:{id}:keys   set    sha256 of the account's keys
+    tg:key-ids             hash   key id (key_ + 16 hex) -> sha256, for the control API
+    tg:keys-changed        pubsub a key (sha256) or an account ("account:{id}") changed:
+                                  workers drop their cached lookups (auth.py)
+    tg:authfail:{address}  string unknown-key lookups from one client address; expires 60 s
+                                  after the first (the failed-lookup limit, auth.py)
 
 Money (extproc/ledger.py, scripts in extproc/store_scripts.py; amounts in integer µcr):
 
-    tg:acct:{account}           hash   balance, pending (reserved, not yet settled)
-    tg:accounts                 set    every account that has a balance
+    tg:acct:{account}           hash   balance, pending (reserved, not yet settled); the
+                                       account's limits (rpm, tpm, concurrency), name,
+                                       created_at
+    tg:accounts                 set    every account that has a balance, a key or was created
     tg:rl:{key_hash}:{minute}   hash   req, tok in one fixed minute window; expires after 120 s
     tg:cc:{key_hash}            zset   in-flight request ids -> reservation expiry (ms)
     tg:resv:{request_id}        hash   one pending reservation (see store_scripts.RESERVE)
@@ -38,8 +45,25 @@ def account_keys(account: str) -> str:
     return f"tg:account:{account}:keys"
 
 
+def key_index() -> str:
+    return "tg:key-ids"
+
+
+def keys_channel() -> str:
+    return "tg:keys-changed"
+
+
+def auth_failures(address: str) -> str:
+    return f"tg:authfail:{address}"
+
+
+def account_prefix() -> str:
+    """Account hashes share this prefix; the key-lookup script appends the account id."""
+    return "tg:acct:"
+
+
 def account(account: str) -> str:
-    return f"tg:acct:{account}"
+    return f"{account_prefix()}{account}"
 
 
 def accounts() -> str:

@@ -1,4 +1,4 @@
-"""The store's Lua scripts, in one place: reserve, settle, sweep, grant.
+"""The store's Lua scripts, in one place: reserve, settle, sweep, grant, key lookup.
 
 Each money operation is one script, so one round trip and atomic. Key names come from
 extproc/store.py: the caller passes the keys it knows in KEYS, and ``reserve`` records in the
@@ -311,6 +311,33 @@ if idempotent then redis.call('SET', marker_key, int(now), 'EX', DONE_TTL) end
 return {'ok', balance}
 """
 )
+
+
+# 5. key lookup (auth.py, on a worker's cache miss): the failed-lookup limit and the key's record
+# with its account's limits, in one round trip.
+# KEYS: key record, failure counter of the client address
+# ARGV: failure limit (0 = none), account hash prefix, failure window (s)
+# Returns {'blocked', seconds left} | {'unknown'} | {'ok', record (flat), account rpm, tpm, conc}
+KEY_LOOKUP = r"""
+local limit = tonumber(ARGV[1])
+if limit > 0 then
+  local fails = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if fails >= limit then
+    return {'blocked', math.max(redis.call('TTL', KEYS[2]), 1)}
+  end
+end
+local rec = redis.call('HGETALL', KEYS[1])
+if #rec == 0 then
+  if limit > 0 and redis.call('INCR', KEYS[2]) == 1 then
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+  end
+  return {'unknown'}
+end
+local account = ''
+for i = 1, #rec, 2 do if rec[i] == 'account' then account = rec[i + 1] end end
+local a = redis.call('HMGET', ARGV[2] .. account, 'rpm', 'tpm', 'concurrency')
+return {'ok', rec, a[1] or '', a[2] or '', a[3] or ''}
+"""
 
 
 def _with_constants(source: str) -> str:

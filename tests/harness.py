@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,10 @@ def closed_port() -> int:
 
 # Every raw key the tests create: test_zz_logs.py checks that none of them reaches a log.
 SECRETS: list[str] = []
+
+# The bootstrap admin key of every test gateway (the config holds only its SHA-256).
+ADMIN_KEY = "tg-admin-" + secrets.token_urlsafe(24)
+SECRETS.append(ADMIN_KEY)
 
 # 1 credit per 1M input tokens, 2 per 1M output tokens, 0.0001 per request.
 PRICE = {"input_per_1m": 1, "output_per_1m": 2, "per_request": "0.0001"}
@@ -77,6 +83,7 @@ def base_config(
                 "health_check": {"interval": "1s"},
             },
         ],
+        "auth": {"admin_key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest()},
         "metering": {
             "reservation_timeout": "60s",
             "sweep_interval": "1s",
@@ -154,8 +161,17 @@ class Gateway:
                 out[name] = int(value)
         return out
 
-    def new_key(self, name: str = "test", account: str = "default", **limits: int) -> str:
-        raw = create_key(connect_sync(self.cfg.store_url), name, account, limits).raw
+    def new_key(
+        self,
+        name: str = "test",
+        account: str = "default",
+        scopes: list[str] | None = None,
+        models: list[str] | None = None,
+        expires_at: float | None = None,
+        **limits: int,
+    ) -> str:
+        client = connect_sync(self.cfg.store_url)
+        raw = create_key(client, name, account, limits, scopes, models, expires_at).raw
         SECRETS.append(raw)
         return raw
 
@@ -163,7 +179,8 @@ class Gateway:
 def grant(url: str, account: str, credits: str) -> None:
     from extproc.cli import main
 
-    assert main(["credits", "grant", account, credits, "--config", url]) == 0
+    argv = ["credits", "grant", account, credits, "--config", url, "--admin-key", ADMIN_KEY]
+    assert main(argv) == 0
 
 
 def start_gateway(tmp: Path, config: dict[str, Any], credits: str = "1000") -> Gateway:
