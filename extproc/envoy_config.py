@@ -270,9 +270,9 @@ _TGI_STREAM_USAGE = (
 
 def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     """Usage out of responses, natively: JSON bodies and SSE streams (last value wins)."""
-    names = [re.escape(b.name) for b in cfg.backends if b.kind == "tgi"] or ["(?!)"]
+    names = [re.escape(b.name) for b in cfg.backends if b.kind == "tgi"]
     tgi_routes = f"^({'|'.join(names)})({re.escape(STREAM_SUFFIX)})?$"
-    return [
+    filters = [
         {
             "name": _JSON_NAME,
             "typed_config": {
@@ -284,6 +284,11 @@ def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
             },
         },
         _sse_filter(_SSE_NAME, _usage_rules()),
+    ]
+    if not names:
+        return filters
+    return [
+        *filters,
         {  # the TGI rules, skipped unless the routing header names a TGI backend
             "name": _SSE_TGI_NAME,
             "typed_config": {

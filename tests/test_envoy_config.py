@@ -76,3 +76,27 @@ def test_one_cluster_per_backend_with_health_checks() -> None:
     # Lua first: on the response path it must run after ext_proc (see envoy_config._lua_filter)
     assert names.index("envoy.filters.http.lua") < names.index("envoy.filters.http.ext_proc")
     assert names[-1] == "envoy.filters.http.router"
+
+
+def test_tgi_stream_usage_rules_run_only_on_tgi_routes() -> None:
+    """The TGI /generate_stream rules are a filter of their own, skipped unless the routing header
+    names a TGI backend (plain or metered-stream route), and absent without TGI backends."""
+    import re
+
+    from extproc.config import parse_config
+
+    def tgi_filter(cfg_dict: dict) -> dict | None:
+        hcm = render(parse_config(cfg_dict))["static_resources"]["listeners"][0]
+        filters = hcm["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        return next((f for f in filters if f["name"] == "tollgate.sse_to_metadata.tgi"), None)
+
+    cfg = base_config()
+    assert tgi_filter(cfg) is None
+    cfg["backends"].append(
+        {"name": "tgi-b", "kind": "tgi", "endpoints": ["127.0.0.1:9"], "request_timeout": "10s"}
+    )
+    matcher = tgi_filter(cfg)["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
+    single = matcher["predicate"]["not_matcher"]["single_predicate"]
+    regex = re.compile(single["value_match"]["safe_regex"]["regex"])
+    assert regex.match("tgi-b") and regex.match("tgi-b/stream")
+    assert not regex.match("vllm-chat") and not regex.match("tgi-bb")
