@@ -757,7 +757,10 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         if cfg.tracing.sample_ratio < 1.0:
             otel["sampler"] = _ratio_sampler(cfg.tracing.sample_ratio)
         hcm["tracing"] = {
-            "spawn_upstream_span": True,
+            # No span of its own for the upstream call: measured, it cost Envoy ~40 µs on every
+            # request, sampled or not (the ingress span already carries the upstream's timing
+            # and cluster; the processor's spans show the gateway's share).
+            "spawn_upstream_span": False,
             "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": otel},
         }
         collector = _cluster(OTLP_CLUSTER, [(otlp.host, otlp.port)], 1.0)
