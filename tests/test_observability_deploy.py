@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from extproc.config import GatewayConfig, load_config
-from tests.test_compose import _argv, _binds, _ports, _profiles, _raw_compose
+from tests.test_compose import _argv, _binds, _compose_cli, _ports, _profiles, _raw_compose
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -694,16 +694,6 @@ def test_dashboard_envoy_names_match_the_bootstrap() -> None:
 
 
 # ------------------------------------------------------------------ Docker Compose itself
-
-
-def _compose_cli() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        ok = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
-        if ok.returncode == 0:
-            return ["docker", "compose"]
-    return None
 
 
 def test_compose_cli_accepts_the_profile() -> None:
