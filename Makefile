@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= tollgate.yaml
 
-.PHONY: up test bench lint format render-envoy protos clean
+.PHONY: up test bench lint format render-envoy protos wasm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ format: $(STAMP)
 # the control API's code, generated from protos/ and checked in (a test keeps it current)
 protos: $(STAMP)
 	$(BIN)/python -m extproc.protogen
+
+wasm: $(STAMP)  # extproc/stream_trailers.wasm from its hand-written source
+	$(BIN)/python -c "import wasmtime, pathlib as p; w = p.Path('extproc/stream_trailers'); \
+	w.with_suffix('.wasm').write_bytes(wasmtime.wat2wasm(w.with_suffix('.wat').read_text()))"
 
 render-envoy: $(STAMP)
 	$(BIN)/tollgate render-envoy --config $(CONFIG) > envoy/envoy.yaml

@@ -193,6 +193,8 @@ class Metering:
     sweep_interval_s: float = 5.0
     default_limits: Limits = field(default_factory=Limits)
     starting_credits: int = 0  # µcr `tollgate up` grants the 'default' account, once
+    # a stream's credit figures also as HTTP/2 trailers (envoy_config._trailers_filter)
+    stream_trailers: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -713,12 +715,16 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
     enabled = mr.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError("metering.enabled", "expected true or false")
+    trailers = mr.get("stream_trailers", True)
+    if not isinstance(trailers, bool):
+        raise ConfigError("metering.stream_trailers", "expected true or false")
     metering = Metering(
         enabled=enabled,
         reservation_timeout_s=mr.duration("reservation_timeout", 600.0),
         sweep_interval_s=mr.duration("sweep_interval", 5.0),
         default_limits=_limits(mr.get("default_limits"), "metering.default_limits"),
         starting_credits=_credits(mr.get("starting_credits", 0), "metering.starting_credits"),
+        stream_trailers=trailers,
     )
     mr.done()
     tr = root.child("tracing")

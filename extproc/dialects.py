@@ -333,6 +333,7 @@ class ProxyTranslator:
     __slots__ = ("_buf", "_generated", "_prompt", "_stream", "model", "route", "usage")
 
     dropped: list[str] = []  # nothing is ever dropped (shared, never mutated)
+    rewrites_stream = False  # the backend's own stream passes as it is
 
     def __init__(self, model: Model, route: ProxyRoute) -> None:
         self.model = model

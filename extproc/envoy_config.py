@@ -31,6 +31,7 @@ Shape of what Envoy does for the processor (see README, "Request path"):
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from pathlib import Path
@@ -58,7 +59,11 @@ METADATA_NS = "tollgate"  # what the processor sets at request time (read by Lua
 TIMING_NS = "tollgate.timing"  # the stream meter's first-chunk time (TTFT)
 USAGE_NS = "tollgate.usage"  # usage lifted out of responses by json_to_metadata/sse_to_metadata
 _LUA = Path(__file__).with_name("stream_meter.lua")
+TRAILERS_FILTER = "tollgate.stream_trailers"  # empty trailers on metered streams (Lua fills them)
+TRAILERS_HEADER = "x-tollgate-trailers"  # the processor's cue for TRAILERS_FILTER
+_TRAILERS_WASM = Path(__file__).with_name("stream_trailers.wasm")  # built from the .wat beside it
 _T = "type.googleapis.com/"
+_HEADER_INPUT = _T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
 
 
 def _dur(seconds: float) -> str:
@@ -287,57 +292,57 @@ def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     ]
     if not names:
         return filters
-    return [
-        *filters,
-        {  # the TGI rules, skipped unless the routing header names a TGI backend
-            "name": _SSE_TGI_NAME,
-            "typed_config": {
-                "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-                "extension_config": _sse_filter(
-                    "envoy.filters.http.sse_to_metadata", _usage_rules(_TGI_STREAM_USAGE)
-                ),
-                "xds_matcher": {
-                    "matcher_list": {
-                        "matchers": [
-                            {
-                                "predicate": {
-                                    "not_matcher": {
-                                        "single_predicate": {
-                                            "input": {
-                                                "name": "route_header",
-                                                "typed_config": {
-                                                    "@type": _T
-                                                    + "envoy.type.matcher.v3."
-                                                    + "HttpRequestHeaderMatchInput",
-                                                    "header_name": ROUTE_HEADER,
-                                                },
+    # the TGI rules, skipped unless the routing header names a TGI backend
+    tgi = _sse_filter("envoy.filters.http.sse_to_metadata", _usage_rules(_TGI_STREAM_USAGE))
+    return [*filters, _when_cued(_SSE_TGI_NAME, tgi, ROUTE_HEADER, tgi_routes)]
+
+
+def _when_cued(name: str, filter_: dict[str, Any], header: str, regex: str) -> dict[str, Any]:
+    """``filter_`` skipped unless request ``header`` (set by the processor) matches ``regex``.
+
+    The filter must come after ext_proc in the chain: the processor sets the header on the
+    body message, which Envoy has applied by the time later filters see the request headers."""
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": filter_,
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [
+                        {
+                            "predicate": {
+                                "not_matcher": {
+                                    "single_predicate": {
+                                        "input": {
+                                            "name": "route_header",
+                                            "typed_config": {
+                                                "@type": _HEADER_INPUT,
+                                                "header_name": header,
                                             },
-                                            "value_match": {
-                                                "safe_regex": {
-                                                    "google_re2": {},
-                                                    "regex": tgi_routes,
-                                                }
-                                            },
-                                        }
-                                    }
-                                },
-                                "on_match": {
-                                    "action": {
-                                        "name": "skip",
-                                        "typed_config": {
-                                            "@type": _T
-                                            + "envoy.extensions.filters.common.matcher.action.v3."
-                                            + "SkipFilter"
+                                        },
+                                        "value_match": {
+                                            "safe_regex": {"google_re2": {}, "regex": regex}
                                         },
                                     }
-                                },
-                            }
-                        ]
-                    }
-                },
+                                }
+                            },
+                            "on_match": {
+                                "action": {
+                                    "name": "skip",
+                                    "typed_config": {
+                                        "@type": _T
+                                        + "envoy.extensions.filters.common.matcher.action.v3."
+                                        + "SkipFilter"
+                                    },
+                                }
+                            },
+                        }
+                    ]
+                }
             },
         },
-    ]
+    }
 
 
 def _sse_filter(name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
@@ -369,6 +374,36 @@ def _lua_filter() -> dict[str, Any]:
             "default_source_code": {"inline_string": code},
         },
     }
+
+
+def _trailers_filter() -> dict[str, Any]:
+    """The empty trailers the Lua stream meter fills (see ``stream_trailers.wat``).
+
+    After the Lua stream meter and ext_proc in the chain, so on the response path it runs
+    before both: at the last body chunk it creates the trailer map the stream meter writes the
+    credit figures into. Only on metered streams the processor does not rewrite (it sets
+    TRAILERS_HEADER on them): on a stream whose chunks go to the processor, Envoy would hand it
+    the last chunk without end_of_stream (the trailers end the stream), and the translators
+    finish a stream on end_of_stream. Measured cost: see README, "Speed"."""
+    wasm = {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "stream_trailers",
+                "vm_config": {
+                    "vm_id": "stream_trailers",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {
+                        "local": {
+                            "inline_bytes": base64.b64encode(_TRAILERS_WASM.read_bytes()).decode()
+                        }
+                    },
+                },
+            },
+        },
+    }
+    return _when_cued(TRAILERS_FILTER, wasm, TRAILERS_HEADER, "1")
 
 
 def _settle_log() -> dict[str, Any]:
@@ -504,7 +539,7 @@ def _backend_route(b: Backend, header_value: str) -> dict[str, Any]:
             },
         },
         # The client's gateway credential never reaches a backend.
-        "request_headers_to_remove": [ROUTE_HEADER, "authorization", "cookie"],
+        "request_headers_to_remove": [ROUTE_HEADER, TRAILERS_HEADER, "authorization", "cookie"],
     }
 
 
@@ -737,6 +772,7 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
             _ext_proc_filter(cfg),
             _reroute_filter(),
             _transcoder(),
+            *([_trailers_filter()] if metered and cfg.metering.stream_trailers else []),
             *(_metering_filters(cfg) if metered else []),
             {
                 "name": "envoy.filters.http.router",

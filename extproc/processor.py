@@ -56,7 +56,13 @@ from .dialects import (
     error_body,
     proxy_target,
 )
-from .envoy_config import METADATA_NS, ROUTE_HEADER, USAGE_NS, stream_route_value
+from .envoy_config import (
+    METADATA_NS,
+    ROUTE_HEADER,
+    TRAILERS_HEADER,
+    USAGE_NS,
+    stream_route_value,
+)
 from .errors import GatewayError
 from .ledger import Reservation
 from .media import FormUpload
@@ -574,6 +580,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         # the backend's own path, else the operation's (the envelope's differs from the client's)
         path = translator.backend_path(st.op.name, st.path) or st.path
         pairs = self._upstream(st, route, path)
+        if (
+            metadata is not None
+            and self.cfg.metering.stream_trailers
+            and st.envelope is None
+            and not translator.rewrites_stream
+        ):
+            pairs.append((TRAILERS_HEADER, "1"))  # credits as HTTP/2 trailers (stream_meter.lua)
         new_body = None
         remove: tuple[str, ...] = ()
         if changed and st.upload is not None:  # the head of the form, rewritten: Envoy ignores

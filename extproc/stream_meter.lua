@@ -13,7 +13,9 @@
 --     credits_used is the charge the ledger posts for this usage (the same integer formula as
 --     money.token_cost, capped at what was available); credits_remaining is the available
 --     balance at reservation time minus that charge (other requests of the account running at
---     the same moment are not reflected; GET /v1/credits is exact).
+--     the same moment are not reflected; GET /v1/credits is exact);
+--   * at the end, the same two figures as trailers X-Credits-Used / X-Credits-Remaining, into
+--     the empty trailer map the stream_trailers filter (stream_trailers.wat) made.
 -- Metadata the processor sets at request time (namespace "tollgate"): stream, request_id,
 -- keep_usage, price_in / price_out / price_req (micro-credits), available (before this request).
 -- It also notes when the first chunk arrived ("tollgate.timing" first_chunk_us).
@@ -34,20 +36,30 @@ local function credits(micro)
   return string.format("%s%d.%s", sign, whole, frac)
 end
 
-local function figures(handle, md)
+-- The stream's charge from the usage sse_to_metadata (or rewrite_event) recorded, or nil
+-- while the backend has reported none: prompt and completion tokens, used, remaining.
+local function charge(handle, md)
   local usage = handle:streamInfo():dynamicMetadata():get("tollgate.usage") or {}
   local p = tonumber(usage["prompt_tokens"])
   local c = tonumber(usage["completion_tokens"])
   if p == nil or c == nil then
+    return nil
+  end
+  local cost = math.ceil((p * md["price_in"] + c * md["price_out"]) / 1000000) + md["price_req"]
+  local used = math.min(cost, md["available"])
+  return { p = p, c = c, used = credits(used), remaining = credits(md["available"] - used) }
+end
+
+local function figures(handle, md)
+  local f = charge(handle, md)
+  if f == nil then
     return ': tollgate {"object":"tollgate.credits","request_id":"' .. md["request_id"]
       .. '","credits_used":null,"pending":true}\n\n'
   end
-  local cost = math.ceil((p * md["price_in"] + c * md["price_out"]) / 1000000) + md["price_req"]
-  local charge = math.min(cost, md["available"])
   return string.format(
     ': tollgate {"object":"tollgate.credits","request_id":"%s","prompt_tokens":%d,'
       .. '"completion_tokens":%d,"credits_used":"%s","credits_remaining":"%s"}\n\n',
-    md["request_id"], p, c, credits(charge), credits(md["available"] - charge)
+    md["request_id"], f.p, f.c, f.used, f.remaining
   )
 end
 
@@ -111,5 +123,15 @@ function envoy_on_response(handle)
     end
     tail = string.sub(data, pos)
     chunk:setBytes(table.concat(out))
+  end
+  -- The stream_trailers filter gave the response an empty trailer map: the same figures as
+  -- HTTP/2 (and HTTP/3) trailers. Over HTTP/1.1 Envoy drops them; the SSE comment remains.
+  local trailers = handle:trailers()
+  if trailers ~= nil then
+    local f = charge(handle, md)
+    if f ~= nil then
+      trailers:add("x-credits-used", f.used)
+      trailers:add("x-credits-remaining", f.remaining)
+    end
   end
 end

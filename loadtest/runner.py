@@ -63,6 +63,7 @@ def gateway_config(
     metrics: bool = True,
     otlp: str | None = None,
     sample_ratio: float = 1.0,
+    stream_trailers: bool = True,
 ) -> dict[str, Any]:
     simulate = {
         "ttft_ms": 0,
@@ -74,7 +75,7 @@ def gateway_config(
     paced = {**simulate, "itl_ms": PACED_ITL_MS}
     price = {"input_per_1m": 1, "output_per_1m": 2}
     return {
-        "metering": {"enabled": metered},
+        "metering": {"enabled": metered, "stream_trailers": stream_trailers},
         **({"tracing": {"otlp_endpoint": otlp, "sample_ratio": sample_ratio}} if otlp else {}),
         "listener": {"port": free_port()},
         "processor": {
@@ -399,6 +400,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     "bare-envoy": {},
     "unmetered": {"metered": False},
     "gateway": {"metered": True},
+    "no-trailers": {"metered": True, "stream_trailers": False},
     "quiet": {"metered": True, "metrics": False},
     "traced": {"metered": True, "traced": True},
 }

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests import h2client
 from tests.harness import Gateway, base_config, sim_backend, start_gateway
 
 PRICE = {"input_per_1m": 1, "output_per_1m": 2}
@@ -192,6 +193,23 @@ def test_streams_are_metered_with_their_real_usage(gw: Gateway, model: str) -> N
             break
         time.sleep(0.1)
     assert debit and debit["tokens_out"] == 6 and debit["tokens_in"] > 0
+
+
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_http2_streams_end_whole_and_trailers_only_where_untranslated(
+    gw: Gateway, model: str
+) -> None:
+    """Over HTTP/2, a vLLM stream ends in credit trailers; TGI streams (translated chunk by
+    chunk by the processor) get none, and still end with the credits comment and [DONE]."""
+    body = {"model": model, "messages": HELLO, "max_tokens": 6, "stream": True}
+    r = h2client.post(gw.v1 + "/chat/completions", body, {"Authorization": f"Bearer {gw.key}"})
+    assert r.status == 200
+    lines = r.lines()
+    assert lines[-1] == "data: [DONE]" and '"completion_tokens":6' in lines[-2]
+    if model == "vllm-model":
+        assert set(r.trailers) == {"x-credits-used", "x-credits-remaining"}
+    else:
+        assert r.trailers == {}
 
 
 def test_tgi_native_rejects_and_drops_what_it_cannot_do(gw: Gateway) -> None:

@@ -34,6 +34,11 @@ def test_sample_config_loads() -> None:
         ),
         (lambda c: c["backends"][0].update(endpoints=[]), "backends[0].endpoints", "at least one"),
         (
+            lambda c: c.setdefault("metering", {}).update(stream_trailers="yes"),
+            "metering.stream_trailers",
+            "true or false",
+        ),
+        (
             lambda c: c["backends"][0].update(request_timeout="soon"),
             "backends[0].request_timeout",
             "duration",

@@ -49,6 +49,14 @@ def test_checked_in_bootstrap_is_current() -> None:
     )
 
 
+def test_checked_in_trailers_module_is_built_from_its_source() -> None:
+    import wasmtime
+
+    source = (ROOT / "extproc" / "stream_trailers.wat").read_text()
+    built = (ROOT / "extproc" / "stream_trailers.wasm").read_bytes()
+    assert wasmtime.wat2wasm(source) == built, "stream_trailers.wasm is stale: run `make wasm`"
+
+
 def test_one_cluster_per_backend_with_health_checks() -> None:
     cfg = load_config(ROOT / "tollgate.yaml")
     boot = render(cfg)

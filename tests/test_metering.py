@@ -17,6 +17,7 @@ import pytest
 
 from extproc.money import format_credits, parse_credits, token_cost
 from extproc.tokens import estimate_prompt_tokens
+from tests import h2client
 from tests.harness import ADMIN_KEY, Gateway, grant
 
 HELLO = [{"role": "user", "content": "Count the toll booths"}]
@@ -111,6 +112,34 @@ def test_stream_final_comment_and_settlement(gateway: Gateway) -> None:
     assert entry["amount"] == "-" + figures["credits_used"]
     assert credits["available"] == figures["credits_remaining"]
     _reconciles(gateway, key)
+
+
+def test_stream_credits_as_http2_trailers(gateway: Gateway) -> None:
+    """Over HTTP/2 the final figures also arrive as trailers; over HTTP/1.1 only as the comment."""
+    _, key = _account(gateway, "5")
+    body = {"model": "sim-chat", "messages": HELLO, "stream": True, "max_tokens": 5}
+    auth = {"Authorization": f"Bearer {key}"}
+    r = h2client.post(gateway.v1 + "/chat/completions", body, auth)
+    assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = r.lines()
+    assert lines[-1] == "data: [DONE]"
+    figures = json.loads(
+        next(x for x in lines if x.startswith(": tollgate "))[len(": tollgate ") :]
+    )
+    assert r.trailers == {
+        "x-credits-used": figures["credits_used"],
+        "x-credits-remaining": figures["credits_remaining"],
+    }
+    assert parse_credits(figures["credits_used"]) > 0
+    credits = _wait_settled(gateway, key)
+    assert credits["available"] == figures["credits_remaining"]
+    # A JSON answer carries the figures as headers, and no trailers.
+    r = h2client.post(gateway.v1 + "/chat/completions", {**body, "stream": False}, auth)
+    assert r.status == 200 and r.trailers == {}
+    assert parse_credits(r.headers["x-credits-used"]) > 0
+    # Errors are not metered streams: no trailers either.
+    r = h2client.post(gateway.v1 + "/chat/completions", {**body, "max_tokens": -1}, auth)
+    assert r.status == 400 and r.trailers == {}
 
 
 def test_stream_keeps_usage_chunk_when_asked(gateway: Gateway) -> None:

@@ -42,6 +42,14 @@ class Translator(Protocol):
     content_type: str | None
     """The translated body's content type when it differs from the backend's, else None."""
 
+    @property
+    def rewrites_stream(self) -> bool:
+        """Whether a successful stream passes through :meth:`response_body` chunk by chunk.
+
+        Known at request time; such a stream gets no HTTP/2 credit trailers (Envoy would hold
+        back its end from the processor, see ``envoy_config._trailers_filter``)."""
+        ...
+
     def request(self, op: str, body: dict[str, Any], stream: bool) -> bool:
         """Rewrite ``body`` (parsed) for the backend in place; True if anything changed."""
         ...

@@ -51,6 +51,10 @@ class OpenAIToVLLM:
             self._alias_from = ()
             self._alias_to = b""
 
+    @property
+    def rewrites_stream(self) -> bool:
+        return bool(self._alias_from)  # an aliased model's name is rewritten in every chunk
+
     # ------------------------------------------------------------------ request
     def backend_path(self, op: str, path: str) -> str | None:
         return None

@@ -80,6 +80,7 @@ class Tei:
         "dropped",
         "usage",
     )
+    rewrites_stream = False  # no streams
 
     def __init__(self, model: Model, request_id: str, created: int | None = None) -> None:
         self._model = model

@@ -107,6 +107,7 @@ class TgiMessages:
         "created",
         "stream_error",
     )
+    rewrites_stream = True  # every stream event is translated
 
     def __init__(self, model: Model, request_id: str, created: int | None = None) -> None:
         self._model = model

@@ -204,6 +204,7 @@ class TgiNative:
         "stream_error",
         "usage",
     )
+    rewrites_stream = True  # every stream event is translated
 
     def __init__(self, model: Model, request_id: str, created: int | None = None) -> None:
         self._model = model
