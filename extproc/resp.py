@@ -40,6 +40,7 @@ class _Connection(asyncio.Protocol):
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._out: list[bytes] = []  # calls made in this loop iteration, written together
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -61,10 +62,19 @@ class _Connection(asyncio.Protocol):
     def call(self, *parts: Any) -> asyncio.Future[Any]:
         if self.closed or self.transport is None:
             raise redis.exceptions.ConnectionError("store connection closed")
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self.waiters.append(waiter)
-        self.transport.write(_pack(parts))
+        if not self._out:
+            loop.call_soon(self._flush)
+        self._out.append(_pack(parts))
         return waiter
+
+    def _flush(self) -> None:
+        # One write (one syscall, one read for the store) for every call of the iteration.
+        out, self._out = self._out, []
+        if self.transport is not None and not self.closed:
+            self.transport.write(b"".join(out))
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:
