@@ -277,17 +277,18 @@ def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     """Usage out of responses, natively: JSON bodies and SSE streams (last value wins)."""
     names = [re.escape(b.name) for b in cfg.backends if b.kind == "tgi"]
     tgi_routes = f"^({'|'.join(names)})({re.escape(STREAM_SUFFIX)})?$"
-    filters = [
-        {
-            "name": _JSON_NAME,
-            "typed_config": {
-                "@type": _T + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-                "response_rules": {
-                    "rules": _usage_rules(),
-                    "allow_content_types": ["application/json"],
-                },
+    json_usage = {
+        "name": _JSON_NAME,
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "response_rules": {
+                "rules": _usage_rules(),
+                "allow_content_types": ["application/json"],
             },
         },
+    }
+    filters = [
+        _unless_large_response(json_usage),
         _sse_filter(_SSE_NAME, _usage_rules()),
     ]
     if not names:
@@ -325,6 +326,55 @@ def _when_cued(name: str, filter_: dict[str, Any], header: str, regex: str) -> d
                                             "safe_regex": {"google_re2": {}, "regex": regex}
                                         },
                                     }
+                                }
+                            },
+                            "on_match": {
+                                "action": {
+                                    "name": "skip",
+                                    "typed_config": {
+                                        "@type": _T
+                                        + "envoy.extensions.filters.common.matcher.action.v3."
+                                        + "SkipFilter"
+                                    },
+                                }
+                            },
+                        }
+                    ]
+                }
+            },
+        },
+    }
+
+
+def _unless_large_response(filter_: dict[str, Any]) -> dict[str, Any]:
+    """``filter_`` (json_to_metadata) skipped on responses of 1,000,000 bytes or more.
+
+    json_to_metadata buffers the whole body, and above Envoy's buffer limit (at least 1 MiB,
+    see ``listener.max_request_body_bytes``) the client would get a 500: a large embeddings
+    answer, say. Such a response passes unread; its usage unknown, the processor charges the
+    reservation (the prompt as estimated, see README "Credits")."""
+    return {
+        "name": filter_["name"],
+        "typed_config": {
+            "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": filter_,
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [
+                        {
+                            "predicate": {
+                                "single_predicate": {
+                                    "input": {
+                                        "name": "content_length",
+                                        "typed_config": {
+                                            "@type": _T
+                                            + "envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+                                            "header_name": "content-length",
+                                        },
+                                    },
+                                    "value_match": {
+                                        "safe_regex": {"google_re2": {}, "regex": "[0-9]{7,}"}
+                                    },
                                 }
                             },
                             "on_match": {

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from extproc.money import Price, format_credits, parse_credits, token_cost
 from tests import h2client
 from tests.harness import Gateway, base_config, sim_backend, start_gateway
 
@@ -27,6 +28,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     cfg = base_config()
     cfg["backends"] = [
         sim_backend("vllm-b", "vllm"),
+        sim_backend("vllm-emb", "vllm"),  # a vLLM server serves one model
         sim_backend("tgi-native", "tgi"),
         sim_backend("tgi-messages", "tgi", mode="messages"),
         sim_backend("tei-embed", "tei"),
@@ -38,6 +40,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         {"id": "tgi-native-model", "backend": "tgi-native", "pricing": PRICE},
         {"id": "tgi-messages-model", "backend": "tgi-messages", "pricing": PRICE},
         {"id": "tei-embed-model", "backend": "tei-embed", "kind": "embedding", "pricing": PRICE},
+        {"id": "vllm-embed-model", "backend": "vllm-emb", "kind": "embedding", "pricing": PRICE},
         {"id": "tei-rerank-model", "backend": "tei-rerank", "kind": "rerank", "pricing": PRICE},
         {"id": "tei-cls-model", "backend": "tei-classify", "kind": "classify", "pricing": PRICE},
     ]
@@ -210,6 +213,32 @@ def test_http2_streams_end_whole_and_trailers_only_where_untranslated(
         assert set(r.trailers) == {"x-credits-used", "x-credits-remaining"}
     else:
         assert r.trailers == {}
+
+
+def test_embeddings_answer_larger_than_envoys_buffer_passes_and_is_metered(gw: Gateway) -> None:
+    """json_to_metadata buffers a JSON answer to read its usage; one of 1 MB or more passes
+    unread (else Envoy's buffer limit would turn it into a 500) and is charged the reservation."""
+    h = {"Authorization": f"Bearer {gw.key}"}
+    small = httpx.post(
+        gw.v1 + "/embeddings", headers=h, json={"model": "vllm-embed-model", "input": ["hi"] * 4}
+    )
+    assert small.status_code == 200
+    tokens = small.json()["usage"]["prompt_tokens"]
+    assert small.headers["x-credits-used"] == format_credits(
+        token_cost(Price(1_000_000, 2_000_000), tokens, 0)
+    )
+    r = httpx.post(
+        gw.v1 + "/embeddings",
+        headers=h,
+        json={"model": "vllm-embed-model", "input": ["hello world"] * 300},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text[:300]
+    assert int(r.headers["content-length"]) >= 1_000_000 and len(r.json()["data"]) == 300
+    rid = r.headers["x-request-id"]
+    debit = _ledger_debits(gw)[rid]
+    assert debit["tokens_in"] > 0 and parse_credits(debit["amount"]) < 0
+    assert r.headers["x-credits-used"] == format_credits(-parse_credits(debit["amount"]))
 
 
 def test_tgi_native_rejects_and_drops_what_it_cannot_do(gw: Gateway) -> None:
