@@ -64,6 +64,8 @@ TRAILERS_HEADER = "x-tollgate-trailers"  # the processor's cue for TRAILERS_FILT
 _TRAILERS_WASM = Path(__file__).with_name("stream_trailers.wasm")  # built from the .wat beside it
 _T = "type.googleapis.com/"
 _HEADER_INPUT = _T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
+_RESPONSE_HEADER_INPUT = _T + "envoy.type.matcher.v3.HttpResponseHeaderMatchInput"
+_SKIP_ACTION = _T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
 
 
 def _dur(seconds: float) -> str:
@@ -303,47 +305,8 @@ def _when_cued(name: str, filter_: dict[str, Any], header: str, regex: str) -> d
 
     The filter must come after ext_proc in the chain: the processor sets the header on the
     body message, which Envoy has applied by the time later filters see the request headers."""
-    return {
-        "name": name,
-        "typed_config": {
-            "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            "extension_config": filter_,
-            "xds_matcher": {
-                "matcher_list": {
-                    "matchers": [
-                        {
-                            "predicate": {
-                                "not_matcher": {
-                                    "single_predicate": {
-                                        "input": {
-                                            "name": "route_header",
-                                            "typed_config": {
-                                                "@type": _HEADER_INPUT,
-                                                "header_name": header,
-                                            },
-                                        },
-                                        "value_match": {
-                                            "safe_regex": {"google_re2": {}, "regex": regex}
-                                        },
-                                    }
-                                }
-                            },
-                            "on_match": {
-                                "action": {
-                                    "name": "skip",
-                                    "typed_config": {
-                                        "@type": _T
-                                        + "envoy.extensions.filters.common.matcher.action.v3."
-                                        + "SkipFilter"
-                                    },
-                                }
-                            },
-                        }
-                    ]
-                }
-            },
-        },
-    }
+    cued = _header_matches(_HEADER_INPUT, header, regex)
+    return _skipped_when(name, filter_, {"not_matcher": cued})
 
 
 def _unless_large_response(filter_: dict[str, Any]) -> dict[str, Any]:
@@ -353,42 +316,30 @@ def _unless_large_response(filter_: dict[str, Any]) -> dict[str, Any]:
     see ``listener.max_request_body_bytes``) the client would get a 500: a large embeddings
     answer, say. Such a response passes unread; its usage unknown, the processor charges the
     reservation (the prompt as estimated, see README "Credits")."""
+    large = _header_matches(_RESPONSE_HEADER_INPUT, "content-length", "[0-9]{7,}")
+    return _skipped_when(filter_["name"], filter_, large)
+
+
+def _header_matches(input_type: str, header: str, regex: str) -> dict[str, Any]:
     return {
-        "name": filter_["name"],
+        "single_predicate": {
+            "input": {"name": header, "typed_config": {"@type": input_type, "header_name": header}},
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": regex}},
+        }
+    }
+
+
+def _skipped_when(name: str, filter_: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
+    """``filter_`` wrapped so that Envoy skips it on requests ``predicate`` matches."""
+    skip = {"name": "skip", "typed_config": {"@type": _SKIP_ACTION}}
+    return {
+        "name": name,
         "typed_config": {
             "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": filter_,
             "xds_matcher": {
                 "matcher_list": {
-                    "matchers": [
-                        {
-                            "predicate": {
-                                "single_predicate": {
-                                    "input": {
-                                        "name": "content_length",
-                                        "typed_config": {
-                                            "@type": _T
-                                            + "envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
-                                            "header_name": "content-length",
-                                        },
-                                    },
-                                    "value_match": {
-                                        "safe_regex": {"google_re2": {}, "regex": "[0-9]{7,}"}
-                                    },
-                                }
-                            },
-                            "on_match": {
-                                "action": {
-                                    "name": "skip",
-                                    "typed_config": {
-                                        "@type": _T
-                                        + "envoy.extensions.filters.common.matcher.action.v3."
-                                        + "SkipFilter"
-                                    },
-                                }
-                            },
-                        }
-                    ]
+                    "matchers": [{"predicate": predicate, "on_match": {"action": skip}}]
                 }
             },
         },
