@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ USAGE_NS = "tollgate.usage"  # usage lifted out of responses by json_to_metadata
 _LUA = Path(__file__).with_name("stream_meter.lua")
 TRAILERS_FILTER = "tollgate.stream_trailers"  # empty trailers on metered streams (Lua fills them)
 TRAILERS_HEADER = "x-tollgate-trailers"  # the processor's cue for TRAILERS_FILTER
+LUA_METER_HEADER = "x-tollgate-lua-meter"  # metered streams' routes mark their responses
 _TRAILERS_WASM = Path(__file__).with_name("stream_trailers.wasm")  # built from the .wat beside it
 _T = "type.googleapis.com/"
 _HEADER_INPUT = _T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
@@ -266,9 +266,10 @@ def _usage_rules(
 
 # TGI's native stream (/generate_stream) reports its counts in the last event's details; only
 # the per-model proxy forwards that stream untranslated, and this meters it with no processor
-# message per chunk. These rules live in a second sse_to_metadata filter, off except on the
-# routes to TGI backends: measured, two more rules in the one filter every stream passes cost
-# ~15% of metered stream throughput (Envoy +130 µs a stream) on streams they never match.
+# message per chunk. These rules live in a second sse_to_metadata filter, skipped unless the
+# response carries TGI's own `x-compute-type` header (TGI and TEI send it, vLLM does not; TEI
+# never streams): measured, two more rules in the one filter every stream passes cost ~15% of
+# metered stream throughput (Envoy +130 µs a stream) on streams they never match.
 _TGI_STREAM_USAGE = (
     ("details", "input_length", "prompt_tokens"),
     ("details", "generated_tokens", "completion_tokens"),
@@ -277,8 +278,6 @@ _TGI_STREAM_USAGE = (
 
 def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     """Usage out of responses, natively: JSON bodies and SSE streams (last value wins)."""
-    names = [re.escape(b.name) for b in cfg.backends if b.kind == "tgi"]
-    tgi_routes = f"^({'|'.join(names)})({re.escape(STREAM_SUFFIX)})?$"
     json_usage = {
         "name": _JSON_NAME,
         "typed_config": {
@@ -291,13 +290,21 @@ def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     }
     filters = [
         _unless_large_response(json_usage),
-        _sse_filter(_SSE_NAME, _usage_rules()),
+        # Not on metered streams (their route marks the response): the Lua stream meter reads
+        # their usage. The routing header cannot cue it: Envoy never gives the matcher of a
+        # filter that only sees responses the request headers.
+        _skipped_when(
+            _SSE_NAME,
+            _sse_filter(_SSE_NAME, _usage_rules()),
+            _header_matches(_RESPONSE_HEADER_INPUT, LUA_METER_HEADER, ".+"),
+        ),
     ]
-    if not names:
+    if not any(b.kind == "tgi" for b in cfg.backends):
         return filters
-    # the TGI rules, skipped unless the routing header names a TGI backend
+    # the TGI rules, on TGI's responses only
     tgi = _sse_filter("envoy.filters.http.sse_to_metadata", _usage_rules(_TGI_STREAM_USAGE))
-    return [*filters, _when_cued(_SSE_TGI_NAME, tgi, ROUTE_HEADER, tgi_routes)]
+    from_tgi = _header_matches(_RESPONSE_HEADER_INPUT, "x-compute-type", ".+")
+    return [*filters, _skipped_when(_SSE_TGI_NAME, tgi, {"not_matcher": from_tgi})]
 
 
 def _when_cued(name: str, filter_: dict[str, Any], header: str, regex: str) -> dict[str, Any]:
@@ -561,6 +568,13 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
             per_filter: dict[str, Any] = {}
             if cfg.metering.enabled and not lua_on:
                 per_filter.update(_no_lua(True))
+            if cfg.metering.enabled and lua_on:  # see _metering_filters; Lua removes it
+                route["response_headers_to_add"] = [
+                    {
+                        "header": {"key": LUA_METER_HEADER, "value": "1"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ]
             if per_filter:
                 route["typed_per_filter_config"] = per_filter
             routes.append(route)

@@ -286,6 +286,22 @@ def test_proxy_tgi_native_stream_is_metered_from_its_last_event(gw: Gateway) -> 
     assert debit["tokens_out"] == 6 and debit["tokens_in"] == last["details"]["input_length"]
 
 
+def test_envoy_parses_only_the_streams_the_stream_meter_does_not_read(gw: Gateway) -> None:
+    """sse_to_metadata (one event JSON parse each) skips metered streams, whose usage the Lua
+    stream meter reads, and its TGI rules run on TGI's own streams only."""
+
+    def parsed() -> dict[str, int]:
+        return gw.envoy_stats("sse_to_metadata.resp.json")
+
+    before = parsed()
+    _sse(gw, "/v1/chat/completions", {"model": "sim-chat", "messages": HELLO, "stream": True})
+    assert parsed() == before  # neither filter parsed the metered vLLM stream
+    body = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 3}}
+    _sse(gw, "/models/tgi-model/proxy/v1/generate_stream", body)
+    added = parsed()["sse_to_metadata.resp.json.metadata_added"]
+    assert added - before.get("sse_to_metadata.resp.json.metadata_added", 0) == 2
+
+
 def test_proxy_tei_embed_and_rerank_are_metered_from_tei_headers(gw: Gateway) -> None:
     r = _post(gw, "/models/tei-embed-model/proxy/v1/embed", {"inputs": ["hello", "world"]})
     assert r.status_code == 200, r.text

@@ -86,25 +86,18 @@ def test_one_cluster_per_backend_with_health_checks() -> None:
     assert names[-1] == "envoy.filters.http.router"
 
 
-def test_tgi_stream_usage_rules_run_only_on_tgi_routes() -> None:
-    """The TGI /generate_stream rules are a filter of their own, skipped unless the routing header
-    names a TGI backend (plain or metered-stream route), and absent without TGI backends."""
-    import re
-
+def test_tgi_stream_usage_rules_exist_only_with_tgi_backends() -> None:
+    """Which responses the usage filters read is tested through Envoy in test_dialects.py."""
     from extproc.config import parse_config
 
-    def tgi_filter(cfg_dict: dict) -> dict | None:
+    def names(cfg_dict: dict) -> list[str]:
         hcm = render(parse_config(cfg_dict))["static_resources"]["listeners"][0]
         filters = hcm["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-        return next((f for f in filters if f["name"] == "tollgate.sse_to_metadata.tgi"), None)
+        return [f["name"] for f in filters]
 
     cfg = base_config()
-    assert tgi_filter(cfg) is None
+    assert "tollgate.sse_to_metadata.tgi" not in names(cfg)
     cfg["backends"].append(
         {"name": "tgi-b", "kind": "tgi", "endpoints": ["127.0.0.1:9"], "request_timeout": "10s"}
     )
-    matcher = tgi_filter(cfg)["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
-    single = matcher["predicate"]["not_matcher"]["single_predicate"]
-    regex = re.compile(single["value_match"]["safe_regex"]["regex"])
-    assert regex.match("tgi-b") and regex.match("tgi-b/stream")
-    assert not regex.match("vllm-chat") and not regex.match("tgi-bb")
+    assert "tollgate.sse_to_metadata.tgi" in names(cfg)

@@ -96,6 +96,7 @@ def test_stream_final_comment_and_settlement(gateway: Gateway) -> None:
         model="sim-chat", messages=HELLO, stream=True, max_tokens=6
     ) as resp:
         rid = resp.headers["x-request-id"]
+        assert "x-tollgate-lua-meter" not in resp.headers  # the route's internal mark
         lines = [line for line in resp.iter_lines() if line]
     comments = [line for line in lines if line.startswith(": tollgate ")]
     assert len(comments) == 1
