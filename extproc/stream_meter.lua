@@ -83,7 +83,7 @@ local function rewrite_event(event, keep_usage, usage)
     return ""
   end
   -- vLLM's running usage (continuous_usage_stats), on every chunk: read, then cut out.
-  local s, e, u = string.find(event, ',"usage":(%b{})')
+  local s, e, u = string.find(event, ',%s*"usage":%s*(%b{})')
   if s == nil then
     return event .. "\n\n"
   end
