@@ -335,6 +335,9 @@ class ProxyTranslator:
     dropped: list[str] = []  # nothing is ever dropped (shared, never mutated)
     rewrites_stream = False  # the backend's own stream passes as it is
 
+    def stream_recipe(self) -> dict[str, Any] | None:
+        return None
+
     def __init__(self, model: Model, route: ProxyRoute) -> None:
         self.model = model
         self.route = route

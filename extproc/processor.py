@@ -573,6 +573,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         # and stream_options set above) and rewrites it into the backend's schema.
         translator = st.translator
         changed = translator.request(st.op.name, body, stream) or changed
+        if metadata is not None and st.envelope is None:
+            recipe = translator.stream_recipe()  # Envoy translates this stream (TGI native)
+            if recipe is not None:
+                metadata.fields[METADATA_NS].struct_value.update({"tgi": recipe})
         route = stream_route_value(st.backend.name) if metadata is not None else st.backend.name
         if metadata is None and marks:  # Envoy's local replies on this request: envelope shape
             metadata = Struct()

@@ -91,6 +91,107 @@ local function rewrite_event(event, keep_usage, usage)
   return string.sub(event, 1, s - 1) .. string.sub(event, e + 1) .. "\n\n"
 end
 
+-- TGI native /generate_stream, translated here rather than by the processor (the recipe in
+-- metadata "tgi" comes from tgi_native.py's stream_recipe: chunk templates and the error events
+-- pre-rendered per error_type), chunk for chunk as tgi_native.py's _stream_body does it for the
+-- streams it keeps (stop sequences, logprobs, echo). TGI writes compact JSON; token text is
+-- copied as TGI escaped it.
+local FINISH = { eos_token = "stop", stop_sequence = "stop", length = "length" }
+
+-- The still-escaped content of the JSON string that starts at position i (after its quote).
+local function raw_string(s, i)
+  local j = i
+  while true do
+    local k = string.find(s, '["\\]', j)
+    if k == nil then
+      return nil
+    end
+    if string.byte(s, k) == 92 then
+      j = k + 2
+    else
+      return string.sub(s, i, k - 1)
+    end
+  end
+end
+
+local function tgi_error(payload, t, md)
+  local _, e = string.find(payload, '"error":%s*"')
+  local msg = e and raw_string(payload, e + 1) or ""
+  local parts = t.errors[string.match(payload, '"error_type":%s*"([^"]*)"') or ""] or t.errors[""]
+  local out = {}
+  for i = 1, #parts do
+    local part = parts[i]
+    if part == "\1m" then
+      out[i] = msg
+    elseif part == "\1r" then
+      out[i] = md["request_id"]
+    else
+      out[i] = part
+    end
+  end
+  return "data: " .. table.concat(out) .. "\n\n"
+end
+
+local function tgi_end(payload, t, st, usage, md, out)
+  local reason = FINISH[payload and string.match(payload, '"finish_reason":%s*"([%w_]+)"') or ""]
+  local p = payload and tonumber(string.match(payload, '"input_length":%s*(%d+)')) or st.prompt
+  local c = payload and tonumber(string.match(payload, '"generated_tokens":%s*(%d+)')) or st.n
+  reason = reason or "stop"
+  if t.chat then
+    out[#out + 1] = t.head .. '[{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
+      .. reason .. '"}]}\n\n'
+  else
+    out[#out + 1] = t.pre .. '"","logprobs":null,"finish_reason":"' .. reason .. '"}]}\n\n'
+  end
+  usage.p, usage.c = p, c
+  if md["keep_usage"] == true then
+    out[#out + 1] = t.head .. string.format(
+      '[],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}\n\n', p, c, p + c
+    )
+  end
+  out[#out + 1] = figures(usage, md)
+  out[#out + 1] = "data: [DONE]\n\n"
+  st.done = true
+end
+
+-- One TGI event -> the OpenAI chunks it makes, appended to out.
+local function tgi_event(event, t, st, usage, md, out)
+  local payload = string.match(event, "^data:%s?(.*)$")
+  if payload == nil then
+    return -- a keep-alive comment, or a field we do not use
+  end
+  if string.find(payload, '"error_type"', 1, true) or string.find(payload, '^%s*{%s*"error"') then
+    out[#out + 1] = tgi_error(payload, t, md)
+    out[#out + 1] = figures(usage, md)
+    out[#out + 1] = "data: [DONE]\n\n"
+    st.done = true
+    return
+  end
+  if payload == "[DONE]" then
+    tgi_end(nil, t, st, usage, md, out)
+    return
+  end
+  if not st.started then
+    st.started = true
+    if t.chat then
+      out[#out + 1] = t.head .. '[{"index":0,"delta":{"role":"assistant","content":""},'
+        .. '"logprobs":null,"finish_reason":null}]}\n\n'
+    end
+  end
+  st.n = st.n + 1
+  local _, tk = string.find(payload, '"token":%s*{')
+  if tk ~= nil and string.find(payload, '"special":%s*true', tk) == nil then
+    local _, e = string.find(payload, '"text":%s*"', tk)
+    local text = e and raw_string(payload, e + 1)
+    if text ~= nil and text ~= "" then
+      out[#out + 1] = t.pre .. '"' .. text .. '"' .. t.tail
+    end
+  end
+  if string.find(payload, '"generated_text":%s*"') then
+    tgi_end(payload, t, st, usage, md, out)
+  end
+end
+
 function envoy_on_response(handle)
   handle:headers():remove("x-tollgate-lua-meter")  -- the route's mark (envoy_config.py)
   local md = handle:streamInfo():dynamicMetadata():get("tollgate")
@@ -102,6 +203,12 @@ function envoy_on_response(handle)
     return
   end
   local keep_usage = md["keep_usage"] == true
+  local tgi = md["tgi"]
+  local st = { started = false, done = false, n = 0 }
+  if tgi ~= nil then
+    local header = handle:headers():get("x-prompt-tokens")
+    st.prompt = header and tonumber(header) or 0
+  end
   local tail = ""
   local first = true
   local usage = {}
@@ -125,7 +232,11 @@ function envoy_on_response(handle)
         break
       end
       local event = string.sub(data, pos, s - 1)
-      if event == "data: [DONE]" then
+      if tgi ~= nil then
+        if not st.done then
+          tgi_event(event, tgi, st, usage, md, out)
+        end
+      elseif event == "data: [DONE]" then
         out[#out + 1] = figures(usage, md)
         out[#out + 1] = "data: [DONE]\n\n"
       else

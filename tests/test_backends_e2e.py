@@ -202,14 +202,15 @@ def test_streams_are_metered_with_their_real_usage(gw: Gateway, model: str) -> N
 def test_http2_streams_end_whole_and_trailers_only_where_untranslated(
     gw: Gateway, model: str
 ) -> None:
-    """Over HTTP/2, a vLLM stream ends in credit trailers; TGI streams (translated chunk by
-    chunk by the processor) get none, and still end with the credits comment and [DONE]."""
+    """Over HTTP/2, vLLM and TGI-native streams (TGI's translated by Envoy's stream meter) end in
+    credit trailers; TGI Messages streams (translated chunk by chunk by the processor) get none,
+    and still end with the credits comment and [DONE]."""
     body = {"model": model, "messages": HELLO, "max_tokens": 6, "stream": True}
     r = h2client.post(gw.v1 + "/chat/completions", body, {"Authorization": f"Bearer {gw.key}"})
     assert r.status == 200
     lines = r.lines()
     assert lines[-1] == "data: [DONE]" and '"completion_tokens":6' in lines[-2]
-    if model == "vllm-model":
+    if model != "tgi-messages-model":
         assert set(r.trailers) == {"x-credits-used", "x-credits-remaining"}
     else:
         assert r.trailers == {}
@@ -265,6 +266,54 @@ def test_tgi_native_rejects_and_drops_what_it_cannot_do(gw: Gateway) -> None:
     seen = httpx.get(gw.sim_url("tgi-native") + "/sim/requests").json()
     last = seen[-1] if isinstance(seen, list) else seen["requests"][-1]
     assert last["path"] == "/generate"
+
+
+@pytest.mark.parametrize("error_after", [None, "2"])
+def test_tgi_native_stream_translated_by_envoy_matches_the_processors(
+    gw: Gateway, error_after: str | None
+) -> None:
+    """A metered TGI-native stream without stop sequences, logprobs or echo is translated by
+    Envoy's stream meter (tgi_native.stream_recipe): no processor message per chunk. With a stop
+    sequence the processor translates it. The same simulator stream gives the same chunks (but
+    for ids), in-stream errors included."""
+
+    def translate(extra: dict) -> tuple[list[dict], int]:
+        body = {
+            "model": "tgi-native-model",
+            "messages": HELLO,
+            "max_tokens": 6,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
+        headers = {"Authorization": f"Bearer {gw.key}"}
+        if error_after:
+            headers["x-sim-error-after"] = error_after
+        stats = "ext_proc.tollgate.stream_msgs_sent"
+        m0 = sum(v for k, v in gw.envoy_stats("ext_proc").items() if k.endswith(stats))
+        with httpx.stream("POST", gw.v1 + "/chat/completions", headers=headers, json=body) as r:
+            assert r.status_code == 200
+            rid, text = r.headers["x-request-id"], r.read().decode()
+        m1 = sum(v for k, v in gw.envoy_stats("ext_proc").items() if k.endswith(stats))
+        events = []
+        for line in text.split("\n"):
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    assert event["error"].pop("request_id") == rid
+                else:
+                    assert event.pop("id").endswith(rid)
+                    event.pop("created")
+                events.append(event)
+        assert text.rstrip().endswith("data: [DONE]")
+        return events, m1 - m0
+
+    by_envoy, envoy_msgs = translate({})
+    by_processor, processor_msgs = translate({"stop": ["\u0007never"]})
+    assert by_envoy == by_processor and len(by_envoy) >= 3
+    assert envoy_msgs == 3 and processor_msgs > 3
+    if error_after:
+        assert "error" in by_envoy[-1] and by_envoy[-1]["error"]["code"]
 
 
 def test_tgi_in_stream_error_becomes_an_sdk_error(sdk: openai.OpenAI) -> None:

@@ -54,6 +54,11 @@ class Translator(Protocol):
         """Rewrite ``body`` (parsed) for the backend in place; True if anything changed."""
         ...
 
+    def stream_recipe(self) -> dict[str, Any] | None:
+        """After :meth:`request`, for a metered stream: what Envoy's Lua stream meter needs to
+        translate this stream itself (then :attr:`rewrites_stream` is False), or None."""
+        ...
+
     def backend_path(self, op: str, path: str) -> str | None:
         """The backend's path for this operation, or None to keep the client's."""
         ...

@@ -55,6 +55,9 @@ class OpenAIToVLLM:
     def rewrites_stream(self) -> bool:
         return bool(self._alias_from)  # an aliased model's name is rewritten in every chunk
 
+    def stream_recipe(self) -> dict[str, Any] | None:
+        return None
+
     # ------------------------------------------------------------------ request
     def backend_path(self, op: str, path: str) -> str | None:
         return None

@@ -82,6 +82,9 @@ class Tei:
     )
     rewrites_stream = False  # no streams
 
+    def stream_recipe(self) -> dict[str, Any] | None:
+        return None
+
     def __init__(self, model: Model, request_id: str, created: int | None = None) -> None:
         self._model = model
         self._rid = request_id

@@ -109,6 +109,9 @@ class TgiMessages:
     )
     rewrites_stream = True  # every stream event is translated
 
+    def stream_recipe(self) -> dict[str, Any] | None:
+        return None
+
     def __init__(self, model: Model, request_id: str, created: int | None = None) -> None:
         self._model = model
         self._rid = request_id

@@ -34,6 +34,12 @@ stream ends without its last event). An in-band error event (``{"error", "error_
 with status 200 for overload and validation failures) becomes the gateway's error event followed
 by ``[DONE]``, and nothing is sent after it. Chunks are assembled from pre-built byte templates;
 only the token text (and logprobs, when asked) is serialized per event.
+
+Metered streams without stop sequences, logprobs or echo (the common case) are translated the
+same way by Envoy's Lua stream meter instead (``stream_meter.lua``, from :meth:`stream_recipe`:
+these templates, the error events pre-rendered per ``error_type``), so the processor gets no
+message per chunk; the rest stream through :meth:`response_body`. Tests run both against the same
+simulator streams.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from ..config import Model
 from ..errors import GatewayError, invalid
 from ..sse import EventSplitter, event_data
 from .chat_template import compiled
-from .errors_map import client_status, normalize_error, tgi_stream_error
+from .errors_map import TGI_ERROR_STATUS, client_status, normalize_error, tgi_stream_error
 
 MAX_STOP_SEQUENCES = 4  # TGI launcher default max_stop_sequences
 MAX_TOP_N_TOKENS = 5  # TGI launcher default max_top_n_tokens
@@ -182,6 +188,7 @@ class TgiNative:
         "_buf",
         "_chat",
         "_done",
+        "_lua",
         "_echo",
         "_generated_header",
         "_head",
@@ -204,7 +211,6 @@ class TgiNative:
         "stream_error",
         "usage",
     )
-    rewrites_stream = True  # every stream event is translated
 
     def __init__(self, model: Model, request_id: str, created: int | None = None) -> None:
         self._model = model
@@ -231,6 +237,7 @@ class TgiNative:
         self._head = b""
         self._pre = b""
         self._tail = b""
+        self._lua = False
 
     # ------------------------------------------------------------------ request
     def backend_path(self, op: str, path: str) -> str | None:
@@ -424,6 +431,23 @@ class TgiNative:
             self._pre = self._head + b'[{"index":0,"text":'
             self._tail = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
+    # ------------------------------------------------------- the Lua fast path
+    def stream_recipe(self) -> dict[str, Any] | None:
+        if not self._stream or self._stops or self._logprobs or self._echo:
+            return None
+        self._lua = True
+        return {
+            "chat": self._chat,
+            "head": self._head.decode(),
+            "pre": self._pre.decode(),
+            "tail": self._tail.decode(),
+            "errors": _error_templates("messages" if self._chat else "prompt"),
+        }
+
+    @property
+    def rewrites_stream(self) -> bool:
+        return bool(self._stream) and not self._lua
+
     # ----------------------------------------------------------------- response
     def response_headers(self, status: int, headers: dict[str, str]) -> None:
         self._prompt_tokens = int_header(headers.get("x-prompt-tokens"))
@@ -434,6 +458,8 @@ class TgiNative:
 
     def wants_response_body(self, status: int, content_type: str) -> bool:
         if status < 400 and self._stream:
+            if self._lua:
+                return False  # Envoy's stream meter translates it
             self._splitter = EventSplitter()
         return True
 
@@ -683,6 +709,34 @@ class TgiNative:
         self.stream_error = err
         out.append(b"data: " + orjson.dumps(err.payload(self._rid)) + b"\n\n" + DONE)
         self._done = True
+
+
+_MSG, _RID = "@@tollgate-message@@", "@@tollgate-request-id@@"
+_ERROR_TEMPLATES: dict[str, dict[str, list[str]]] = {}
+
+
+def _error_templates(input_param: str) -> dict[str, list[str]]:
+    """Per TGI ``error_type`` (``""``: any other), the gateway's error payload as the stream
+    meter writes it: literal parts and the two slots ``"\x01m"`` (TGI's message, JSON-escaped
+    as TGI sent it) and ``"\x01r"`` (the request id). Validation errors whose message would
+    change the code or param (context length, a named field) get the plain code here."""
+    templates = _ERROR_TEMPLATES.get(input_param)
+    if templates is None:
+        templates = {}
+        for kind in ("", *TGI_ERROR_STATUS):
+            err = tgi_stream_error({"error": _MSG, "error_type": kind}, input_param)
+            text = orjson.dumps(err.payload(_RID)).decode()
+            parts: list[str] = []
+            for i, piece in enumerate(text.split(_MSG)):
+                if i:
+                    parts.append("\x01m")
+                for j, bit in enumerate(piece.split(_RID)):
+                    if j:
+                        parts.append("\x01r")
+                    parts.append(bit)
+            templates[kind] = parts
+        _ERROR_TEMPLATES[input_param] = templates
+    return templates
 
 
 def _legacy_top(token: dict[str, Any], top: Any) -> dict[str, float]:
