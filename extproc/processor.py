@@ -576,7 +576,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if metadata is not None and st.envelope is None:
             recipe = translator.stream_recipe()  # Envoy translates this stream (TGI native)
             if recipe is not None:
-                metadata.fields[METADATA_NS].struct_value.update({"tgi": recipe})
+                tgi = metadata.fields[METADATA_NS].struct_value.fields["tgi"].struct_value
+                errors = recipe.pop("errors")  # a Struct, built once per kind of request
+                tgi.update(recipe)
+                tgi.fields["errors"].struct_value.CopyFrom(errors)
         route = stream_route_value(st.backend.name) if metadata is not None else st.backend.name
         if metadata is None and marks:  # Envoy's local replies on this request: envelope shape
             metadata = Struct()

@@ -56,7 +56,8 @@ class Translator(Protocol):
 
     def stream_recipe(self) -> dict[str, Any] | None:
         """After :meth:`request`, for a metered stream: what Envoy's Lua stream meter needs to
-        translate this stream itself (then :attr:`rewrites_stream` is False), or None."""
+        translate this stream itself (then :attr:`rewrites_stream` is False), or None. Plain
+        values, and ``errors``: a Struct the processor copies."""
         ...
 
     def backend_path(self, op: str, path: str) -> str | None:

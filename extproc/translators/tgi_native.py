@@ -48,6 +48,7 @@ import time
 from typing import Any
 
 import orjson
+from google.protobuf.struct_pb2 import Struct
 
 from ..config import Model
 from ..errors import GatewayError, invalid
@@ -188,13 +189,13 @@ class TgiNative:
         "_buf",
         "_chat",
         "_done",
-        "_lua",
         "_echo",
         "_generated_header",
         "_head",
         "_held",
         "_include_usage",
         "_logprobs",
+        "_lua",
         "_model",
         "_ntokens",
         "_offset",
@@ -712,17 +713,19 @@ class TgiNative:
 
 
 _MSG, _RID = "@@tollgate-message@@", "@@tollgate-request-id@@"
-_ERROR_TEMPLATES: dict[str, dict[str, list[str]]] = {}
+_ERROR_TEMPLATES: dict[str, Struct] = {}
 
 
-def _error_templates(input_param: str) -> dict[str, list[str]]:
+def _error_templates(input_param: str) -> Struct:
     """Per TGI ``error_type`` (``""``: any other), the gateway's error payload as the stream
     meter writes it: literal parts and the two slots ``"\x01m"`` (TGI's message, JSON-escaped
     as TGI sent it) and ``"\x01r"`` (the request id). Validation errors whose message would
-    change the code or param (context length, a named field) get the plain code here."""
-    templates = _ERROR_TEMPLATES.get(input_param)
-    if templates is None:
-        templates = {}
+    change the code or param (context length, a named field) get the plain code here. Kinds
+    rendered like ``""`` are left out; built once, as the Struct the processor copies into the
+    request's metadata."""
+    cached = _ERROR_TEMPLATES.get(input_param)
+    if cached is None:
+        templates: dict[str, list[str]] = {}
         for kind in ("", *TGI_ERROR_STATUS):
             err = tgi_stream_error({"error": _MSG, "error_type": kind}, input_param)
             text = orjson.dumps(err.payload(_RID)).decode()
@@ -734,9 +737,11 @@ def _error_templates(input_param: str) -> dict[str, list[str]]:
                     if j:
                         parts.append("\x01r")
                     parts.append(bit)
-            templates[kind] = parts
-        _ERROR_TEMPLATES[input_param] = templates
-    return templates
+            if not kind or parts != templates[""]:
+                templates[kind] = parts
+        cached = _ERROR_TEMPLATES[input_param] = Struct()
+        cached.update(templates)
+    return cached
 
 
 def _legacy_top(token: dict[str, Any], top: Any) -> dict[str, float]:
