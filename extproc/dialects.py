@@ -253,6 +253,8 @@ _AUDIO_ROUTES = {
     "transcript": ProxyRoute("/v1/audio/transcriptions", _TRANSCRIPTION, reads_body=False),
     "translate": ProxyRoute("/v1/audio/translations", _TRANSCRIPTION, reads_body=False),
 }
+# the proxy names of multipart uploads (Envoy's route for them: envoy_config._proxy_upload_route)
+PROXY_UPLOADS = tuple(_AUDIO_ROUTES)
 
 # backend kind -> name under /models/{model}/proxy/v1/ -> the backend's own route
 PROXY_ROUTES: dict[str, dict[str, ProxyRoute]] = {

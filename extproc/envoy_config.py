@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,14 @@ import yaml
 
 from . import control_routes, health
 from .config import Backend, GatewayConfig
-from .dialects import DIALECT_KEY, ENVELOPE, ENVELOPE_PREFIX, ENVELOPE_ROUTES
+from .dialects import (
+    DIALECT_KEY,
+    ENVELOPE,
+    ENVELOPE_PREFIX,
+    ENVELOPE_ROUTES,
+    PROXY_PREFIX,
+    PROXY_UPLOADS,
+)
 from .errors import ENVOY_LOCAL_REPLIES, local_reply_body
 from .operations import MEDIA_PATHS, UPLOAD_PATHS
 
@@ -497,6 +505,30 @@ def _media_route(path: str, upload: bool, cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _proxy_upload_route(cfg: GatewayConfig) -> dict[str, Any]:
+    """Per-model proxy uploads (``transcript``, ``translate``): the processor routes them from
+    the request headers and never reads the body, so ext_proc is told so here, before the
+    headers go to the processor. In the default BUFFERED mode ext_proc held the body arriving
+    while the processor answered, and an upload past Envoy's buffer limit met a 413. The
+    answer's usage is never read (priced per request), so the usage filters stay out too."""
+    names = "|".join(re.escape(name) for name in PROXY_UPLOADS)
+    off = {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True}
+    per_filter: dict[str, Any] = {
+        "envoy.filters.http.ext_proc": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {"processing_mode": {"request_body_mode": "NONE"}},
+        }
+    }
+    if cfg.metering.enabled:
+        per_filter.update({name: dict(off) for name in (_LUA_NAME, _JSON_NAME, _SSE_NAME)})
+    return {
+        "name": "proxy_uploads",
+        "match": {"safe_regex": {"regex": f"^{re.escape(PROXY_PREFIX)}[^/]+/proxy/v1/({names})$"}},
+        "direct_response": {"status": 404},  # only if the processor did not route it
+        "typed_per_filter_config": per_filter,
+    }
+
+
 _REROUTE_LUA = "function envoy_on_request(handle) handle:clearRouteCache() end"
 
 
@@ -624,6 +656,7 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
         for name, r in ENVELOPE_ROUTES.items()
         if r.openai_path in MEDIA_PATHS
     ]
+    routes.append(_proxy_upload_route(cfg))
     # Everything else: the processor answers (401/404/...) or sets the routing header.
     routes.append(
         {"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 404}}

@@ -43,15 +43,18 @@ OUTPUT_TOKENS = 16
 # each token reaches Envoy as a chunk of its own, as from a real model server (unpaced, the
 # simulator's events coalesce into one or two chunks and hide the per-chunk cost).
 PACED_MODEL = "bench-chat-paced"
-TGI_MODEL = "bench-tgi"  # TGI native: every /generate_stream chunk is translated by the processor
+TGI_MODEL = "bench-tgi"  # TGI native: translated by Envoy's stream meter, no message per chunk
+# ... unless the request has a stop sequence: then every chunk is translated by the processor
+NEVER_STOP = "@@tollgate-never@@"
 PACED_ITL_MS = 5
 
-# scenario -> (k6 script, model). Bare Envoy runs only the bench-chat ones.
-SCENARIOS: dict[str, tuple[str, str]] = {
-    "chat.js": ("chat.js", MODEL),
-    "stream.js": ("stream.js", MODEL),
-    "paced-stream": ("stream.js", PACED_MODEL),
-    "tgi-stream": ("stream.js", TGI_MODEL),
+# scenario -> (k6 script, model, stop sequence). Bare Envoy runs only the bench-chat ones.
+SCENARIOS: dict[str, tuple[str, str, str]] = {
+    "chat.js": ("chat.js", MODEL, ""),
+    "stream.js": ("stream.js", MODEL, ""),
+    "paced-stream": ("stream.js", PACED_MODEL, ""),
+    "tgi-stream": ("stream.js", TGI_MODEL, ""),
+    "tgi-stream-processor": ("stream.js", TGI_MODEL, NEVER_STOP),
 }
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -231,12 +234,14 @@ def run_k6(
     duration: float,
     out: Path,
     model: str = MODEL,
+    stop: str = "",
 ) -> dict:
     env = {
         **os.environ,
         "BASE_URL": base_url,
         "API_KEY": key,
         "MODEL": model,
+        "STOP": stop,
         "VUS": str(vus),
         "DURATION": f"{duration}s",
         "K6_NO_USAGE_REPORT": "true",
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 st = stacks[name]
                 targets[name] = (f"http://127.0.0.1:{st.cfg.listener.port}/v1", st)
         for scenario in args.scripts.split(","):
-            script, model = SCENARIOS[scenario]
+            script, model, stop = SCENARIOS[scenario]
             for vus in [int(v) for v in args.vus.split(",")]:
                 for target, (url, st) in targets.items():
                     if st is None and model != MODEL:  # bare Envoy cannot translate TGI
@@ -358,11 +363,13 @@ def main(argv: list[str] | None = None) -> int:
                     envoy_pid = [st.child("envoy").pid] if st else []
                     store_pid = [c.pid for c in st.children if c.name == "valkey"] if st else []
                     # warm-up: connections, caches
-                    run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json", model)
+                    run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json", model, stop)
                     pids = (workers, envoy_pid, store_pid)
                     cpu0 = [cpu_seconds(p) for p in pids]
                     msgs0 = ext_proc_messages(st) if st else 0
-                    summary = run_k6(script, url, key, vus, args.duration, tmp / "k6.json", model)
+                    summary = run_k6(
+                        script, url, key, vus, args.duration, tmp / "k6.json", model, stop
+                    )
                     cpu1 = [cpu_seconds(p) for p in pids]
                     r = summarize(target, scenario, vus, summary)
                     if st is not None and r.requests:
@@ -459,6 +466,10 @@ def _row(r: Result) -> str:
     )
 
 
+def _cols(runs: list[Result | None], attr: str, fmt: str) -> str:
+    return "; ".join(fmt.format(getattr(r, attr) or 0) if r else "—" for r in runs)
+
+
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": dt.date.today().isoformat(),
@@ -523,29 +534,34 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     tgi = [
         "",
         f"Per streamed chunk: the same stream ({OUTPUT_TOKENS} output tokens,"
-        f" {PACED_ITL_MS} ms apart) from the vLLM simulator (passed through, no message per"
-        " chunk) and from TGI's /generate_stream (every body chunk sent to the processor and"
-        " translated):",
+        f" {PACED_ITL_MS} ms apart) from the vLLM simulator (passed through) and from TGI's"
+        " /generate_stream, translated by Envoy's stream meter (no message per chunk) or, with a"
+        " stop sequence, by the processor (every body chunk an ext_proc message):",
         "",
-        "| target | VUs | vLLM req/s | TGI req/s | ext_proc msgs/req (vLLM, TGI) "
-        "| processor µs/req (vLLM, TGI) | processor µs per TGI chunk message "
-        "| processor µs per token |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| target | VUs | req/s (vLLM; TGI by Envoy; TGI by processor) "
+        "| ext_proc msgs/req | processor µs/req | Envoy µs/req "
+        "| processor µs per TGI chunk message |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for target in TARGETS:
         for vus in [int(v) for v in args.vus.split(",")]:
-            v = by.get(("paced-stream", vus, target))
-            t = by.get(("tgi-stream", vus, target))
-            if not (v and t and v.processor_us_per_req and t.processor_us_per_req):
+            runs = [by.get((s, vus, target)) for s in ("paced-stream", "tgi-stream")]
+            runs.append(by.get(("tgi-stream-processor", vus, target)))
+            v, p = runs[0], runs[2]
+            if not (v and v.processor_us_per_req and any(runs[1:])):
                 continue
-            extra_cpu = t.processor_us_per_req - v.processor_us_per_req
-            extra_msgs = (t.ext_proc_msgs_per_req or 0) - (v.ext_proc_msgs_per_req or 0)
-            per_msg = f"{extra_cpu / extra_msgs:.0f}" if extra_msgs > 0 else "—"
+
+            per_msg = "—"
+            if p and p.processor_us_per_req:
+                extra_msgs = (p.ext_proc_msgs_per_req or 0) - (v.ext_proc_msgs_per_req or 0)
+                if extra_msgs > 0:
+                    extra = p.processor_us_per_req - v.processor_us_per_req
+                    per_msg = f"{extra / extra_msgs:.0f}"
             tgi.append(
-                f"| {target} | {vus} | {v.rps:,.0f} | {t.rps:,.0f} "
-                f"| {v.ext_proc_msgs_per_req:.1f}, {t.ext_proc_msgs_per_req:.1f} "
-                f"| {v.processor_us_per_req:.0f}, {t.processor_us_per_req:.0f} "
-                f"| {per_msg} | {extra_cpu / OUTPUT_TOKENS:.0f} |"
+                f"| {target} | {vus} | {_cols(runs, 'rps', '{:,.0f}')} "
+                f"| {_cols(runs, 'ext_proc_msgs_per_req', '{:.1f}')} "
+                f"| {_cols(runs, 'processor_us_per_req', '{:.0f}')} "
+                f"| {_cols(runs, 'envoy_us_per_req', '{:.0f}')} | {per_msg} |"
             )
     if len(tgi) > 5:
         lines += tgi

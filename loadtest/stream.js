@@ -1,6 +1,6 @@
 // Streaming chat completions (SSE). http_req_waiting is the time to the first byte, which for
 // the simulator is the first chunk: the time to first token as the client sees it.
-// env: BASE_URL (…/v1), API_KEY, MODEL, VUS, DURATION
+// env: BASE_URL (…/v1), API_KEY, MODEL, VUS, DURATION, STOP (optional: a stop sequence)
 import http from "k6/http";
 import { check } from "k6";
 
@@ -18,6 +18,7 @@ const body = JSON.stringify({
   messages: [{ role: "user", content: "Stream a short answer about toll gates and meters." }],
   max_tokens: 16,
   stream: true,
+  ...(__ENV.STOP ? { stop: [__ENV.STOP] } : {}),
 });
 
 export default function () {

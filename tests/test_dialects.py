@@ -3,6 +3,7 @@ end to end: real Envoy, Valkey, processor and the vLLM, TGI and TEI simulators."
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,10 +320,10 @@ def test_proxy_tei_embed_and_rerank_are_metered_from_tei_headers(gw: Gateway) ->
 
 
 def test_proxy_media_routes(gw: Gateway) -> None:
-    """Audio and images on an OpenAI-kind backend; an upload 8 times the JSON body limit passes
-    without the processor reading it (routed from the headers), charged per request. (Above
-    Envoy's connection buffer, 1 MiB, an upload can still meet a 413: see the README.)"""
-    audio = b"\x00\x01" * (256 * 1024)  # 512 KiB; max_request_body_bytes is 64 KiB here
+    """Audio and images on an OpenAI-kind backend; an upload 96 times the JSON body limit and 6
+    times Envoy's buffer limit passes without the processor reading it (routed from the
+    headers), charged per request."""
+    audio = os.urandom(6 * 1024 * 1024)  # max_request_body_bytes is 64 KiB here
     m0 = _ext_proc_messages(gw)
     r = httpx.post(
         gw.base_url + "/models/media-model/proxy/v1/transcript",

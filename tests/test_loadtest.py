@@ -24,7 +24,8 @@ def test_runner_compares_bare_envoy_and_gateway(tmp_path: Path) -> None:
         assert r["requests"] > 0 and r["failed"] == 0
         if r["target"] != "bare-envoy":
             assert r["processor_us_per_req"] > 0
-    # TGI streams run through the gateways only, and cost a message per chunk there.
+    # TGI streams run through the gateways only. Metered, Envoy's stream meter translates them
+    # (no message per chunk) unless they have a stop sequence; unmetered, the processor does.
     msgs = {
         (r["script"], r["target"]): r["ext_proc_msgs_per_req"]
         for r in data["results"]
@@ -32,4 +33,6 @@ def test_runner_compares_bare_envoy_and_gateway(tmp_path: Path) -> None:
     }
     assert ("tgi-stream", "bare-envoy") not in {(r["script"], r["target"]) for r in data["results"]}
     assert msgs[("paced-stream", "gateway")] == pytest.approx(3, abs=0.2)
-    assert msgs[("tgi-stream", "gateway")] > 10
+    assert msgs[("tgi-stream", "gateway")] == pytest.approx(3, abs=0.2)
+    assert msgs[("tgi-stream-processor", "gateway")] > 10
+    assert msgs[("tgi-stream", "unmetered")] > 10

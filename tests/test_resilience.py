@@ -84,9 +84,15 @@ def test_ledger_reconciles_after_worker_kill_and_store_restart(fragile: Gateway)
             break
         assert time.monotonic() < deadline, credits  # a worker restarting answers 503 a while
         time.sleep(0.5)
-    entries = httpx.get(
-        gw.v1 + "/credits/transactions?limit=1000", headers={"Authorization": f"Bearer {key}"}
-    ).json()["data"]
+    while True:  # the same for the ledger: a restarting worker may answer this one 503
+        r = httpx.get(
+            gw.v1 + "/credits/transactions?limit=1000", headers={"Authorization": f"Bearer {key}"}
+        )
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline and r.status_code == 503, r.text
+        time.sleep(0.5)
+    entries = r.json()["data"]
     total = sum(parse_credits(e["amount"]) for e in entries)
     assert total == parse_credits(credits["balance"]), "ledger does not reconcile"
     assert parse_credits(credits["balance"]) >= 0
