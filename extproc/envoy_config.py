@@ -484,15 +484,9 @@ def _media_route(path: str, upload: bool, cfg: GatewayConfig) -> dict[str, Any]:
     enabled only here, clears the route cache, and the router finds the backend route the
     processor's routing header names.
     """
-    off = {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True}
-    per_filter: dict[str, Any] = {}
-    if cfg.metering.enabled:
-        per_filter = {name: dict(off) for name in (_LUA_NAME, _JSON_NAME, _SSE_NAME)}
+    per_filter = _usage_filters_off(cfg)
     if upload:
-        per_filter["envoy.filters.http.ext_proc"] = {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {"processing_mode": {"request_body_mode": "BUFFERED_PARTIAL"}},
-        }
+        per_filter.update(_request_body_mode("BUFFERED_PARTIAL"))
         per_filter[REROUTE_FILTER] = {
             "@type": _T + "envoy.extensions.filters.http.lua.v3.LuaPerRoute",
             "source_code": {"inline_string": _REROUTE_LUA},
@@ -505,6 +499,24 @@ def _media_route(path: str, upload: bool, cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _usage_filters_off(cfg: GatewayConfig) -> dict[str, Any]:
+    """A route's per-filter config leaving out the filters that read usage from answers (they
+    exist only when metering is on)."""
+    if not cfg.metering.enabled:
+        return {}
+    off = {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True}
+    return {name: dict(off) for name in (_LUA_NAME, _JSON_NAME, _SSE_NAME)}
+
+
+def _request_body_mode(mode: str) -> dict[str, Any]:
+    return {
+        "envoy.filters.http.ext_proc": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "overrides": {"processing_mode": {"request_body_mode": mode}},
+        }
+    }
+
+
 def _proxy_upload_route(cfg: GatewayConfig) -> dict[str, Any]:
     """Per-model proxy uploads (``transcript``, ``translate``): the processor routes them from
     the request headers and never reads the body, so ext_proc is told so here, before the
@@ -512,15 +524,7 @@ def _proxy_upload_route(cfg: GatewayConfig) -> dict[str, Any]:
     while the processor answered, and an upload past Envoy's buffer limit met a 413. The
     answer's usage is never read (priced per request), so the usage filters stay out too."""
     names = "|".join(re.escape(name) for name in PROXY_UPLOADS)
-    off = {"@type": _T + "envoy.config.route.v3.FilterConfig", "disabled": True}
-    per_filter: dict[str, Any] = {
-        "envoy.filters.http.ext_proc": {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {"processing_mode": {"request_body_mode": "NONE"}},
-        }
-    }
-    if cfg.metering.enabled:
-        per_filter.update({name: dict(off) for name in (_LUA_NAME, _JSON_NAME, _SSE_NAME)})
+    per_filter = {**_usage_filters_off(cfg), **_request_body_mode("NONE")}
     return {
         "name": "proxy_uploads",
         "match": {"safe_regex": {"regex": f"^{re.escape(PROXY_PREFIX)}[^/]+/proxy/v1/({names})$"}},
