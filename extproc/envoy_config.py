@@ -604,7 +604,7 @@ def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
             per_filter: dict[str, Any] = {}
             if cfg.metering.enabled and not lua_on:
                 per_filter.update(_no_lua(True))
-            if cfg.metering.enabled and lua_on:  # see _metering_filters; Lua removes it
+            elif cfg.metering.enabled:  # the mark _metering_filters reads; Lua removes it
                 route["response_headers_to_add"] = [
                     {
                         "header": {"key": LUA_METER_HEADER, "value": "1"},

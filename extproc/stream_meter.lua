@@ -144,7 +144,7 @@ local function tgi_end(payload, t, st, usage, md, out)
     out[#out + 1] = t.pre .. '"","logprobs":null,"finish_reason":"' .. reason .. '"}]}\n\n'
   end
   usage.p, usage.c = p, c
-  if md["keep_usage"] == true then
+  if st.keep_usage then
     out[#out + 1] = t.head .. string.format(
       '[],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}\n\n', p, c, p + c
     )
@@ -204,7 +204,7 @@ function envoy_on_response(handle)
   end
   local keep_usage = md["keep_usage"] == true
   local tgi = md["tgi"]
-  local st = { started = false, done = false, n = 0 }
+  local st = { started = false, done = false, n = 0, keep_usage = keep_usage }
   if tgi ~= nil then
     local header = handle:headers():get("x-prompt-tokens")
     st.prompt = header and tonumber(header) or 0

@@ -50,6 +50,18 @@ def _text(body: dict[str, Any], name: str) -> str:
     return value
 
 
+def _items(body: dict[str, Any], name: str, item: str) -> list[Any]:
+    """A required, non-empty array field (``item`` names one element in the message)."""
+    value = body.get(name)
+    if value is None:
+        raise invalid(f"Missing required parameter: '{name}'.", name)
+    if not isinstance(value, list):
+        raise invalid(f"'{name}' must be an array, got {_type_name(value)}.", name)
+    if not value:
+        raise invalid(f"'{name}' must contain at least one {item}.", name)
+    return value
+
+
 def stream_flag(body: dict[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is None:
@@ -74,13 +86,7 @@ def _positive_int(body: dict[str, Any], name: str) -> None:
 
 def chat(body: dict[str, Any]) -> bool:
     """Chat completions; returns the stream flag."""
-    messages = body.get("messages")
-    if messages is None:
-        raise invalid("Missing required parameter: 'messages'.", "messages")
-    if not isinstance(messages, list):
-        raise invalid(f"'messages' must be an array, got {_type_name(messages)}.", "messages")
-    if not messages:
-        raise invalid("'messages' must contain at least one message.", "messages")
+    messages = _items(body, "messages", "message")
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -143,13 +149,7 @@ def _no_stream(body: dict[str, Any], what: str) -> None:
 def rerank(body: dict[str, Any]) -> bool:
     """Rerank (Cohere/Jina style: query, documents, top_n, return_documents); never a stream."""
     _text(body, "query")
-    documents = body.get("documents")
-    if documents is None:
-        raise invalid("Missing required parameter: 'documents'.", "documents")
-    if not isinstance(documents, list):
-        raise invalid(f"'documents' must be an array, got {_type_name(documents)}.", "documents")
-    if not documents:
-        raise invalid("'documents' must contain at least one document.", "documents")
+    documents = _items(body, "documents", "document")
     for i, doc in enumerate(documents):
         if isinstance(doc, str):
             continue

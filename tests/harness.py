@@ -161,6 +161,11 @@ class Gateway:
                 out[name] = int(value)
         return out
 
+    def ext_proc_stat(self, stat: str) -> int:
+        """Envoy's ext_proc counter ``stat`` (``streams_started``, ``stream_msgs_sent``, ...)."""
+        suffix = f"ext_proc.tollgate.{stat}"
+        return sum(v for k, v in self.envoy_stats("ext_proc").items() if k.endswith(suffix))
+
     def new_key(
         self,
         name: str = "test",

@@ -289,12 +289,11 @@ def test_tgi_native_stream_translated_by_envoy_matches_the_processors(
         headers = {"Authorization": f"Bearer {gw.key}"}
         if error_after:
             headers["x-sim-error-after"] = error_after
-        stats = "ext_proc.tollgate.stream_msgs_sent"
-        m0 = sum(v for k, v in gw.envoy_stats("ext_proc").items() if k.endswith(stats))
+        m0 = gw.ext_proc_stat("stream_msgs_sent")
         with httpx.stream("POST", gw.v1 + "/chat/completions", headers=headers, json=body) as r:
             assert r.status_code == 200
             rid, text = r.headers["x-request-id"], r.read().decode()
-        m1 = sum(v for k, v in gw.envoy_stats("ext_proc").items() if k.endswith(stats))
+        m1 = gw.ext_proc_stat("stream_msgs_sent")
         events = []
         for line in text.split("\n"):
             if line.startswith("data: {"):

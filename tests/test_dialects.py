@@ -91,8 +91,7 @@ def _debit(gw: Gateway, request_id: str) -> dict[str, Any]:
 
 
 def _ext_proc_messages(gw: Gateway) -> int:
-    stats = gw.envoy_stats("ext_proc")
-    return sum(v for k, v in stats.items() if k.endswith("ext_proc.tollgate.stream_msgs_sent"))
+    return gw.ext_proc_stat("stream_msgs_sent")
 
 
 # --------------------------------------------------------------------------------- envelope

@@ -121,11 +121,10 @@ def _sim_record(gw: Gateway, rid: str) -> dict[str, Any]:
 
 def _ext_proc_counts(gw: Gateway) -> tuple[int, int, int]:
     """(streams started, messages Envoy sent the processor, bytes it sent the processor)."""
-    stats = gw.envoy_stats()
-    streams = sum(v for k, v in stats.items() if k.endswith("ext_proc.tollgate.streams_started"))
-    sent = sum(v for k, v in stats.items() if k.endswith("ext_proc.tollgate.stream_msgs_sent"))
-    tx = stats.get("cluster.tollgate_extproc.upstream_cx_tx_bytes_total", 0)
-    return streams, sent, tx
+    tx = gw.envoy_stats("cluster.tollgate_extproc.upstream_cx_tx_bytes_total").get(
+        "cluster.tollgate_extproc.upstream_cx_tx_bytes_total", 0
+    )
+    return gw.ext_proc_stat("streams_started"), gw.ext_proc_stat("stream_msgs_sent"), tx
 
 
 def _error(r: httpx.Response, status: int, code: str, param: str | None) -> dict[str, Any]:

@@ -163,10 +163,7 @@ def test_twenty_concurrent_streams_never_interleave(gateway: Gateway) -> None:
 
 
 def _ext_proc_counts(gateway: Gateway) -> tuple[int, int]:
-    stats = gateway.envoy_stats("ext_proc")
-    streams = sum(v for k, v in stats.items() if k.endswith("ext_proc.tollgate.streams_started"))
-    sent = sum(v for k, v in stats.items() if k.endswith("ext_proc.tollgate.stream_msgs_sent"))
-    return streams, sent
+    return gateway.ext_proc_stat("streams_started"), gateway.ext_proc_stat("stream_msgs_sent")
 
 
 def test_at_most_three_messages_per_non_stream_request(gateway: Gateway) -> None:
