@@ -136,7 +136,6 @@ class Ledger:
             store.account(req.account),
             store.accounts(),
             store.ledger(req.account),
-            store.usage(req.account),
         ]
         args = [
             req.request_id, req.account, req.key_hash, req.key_prefix, req.model, req.backend,
@@ -229,11 +228,11 @@ class Ledger:
         key = store.ledger(account)
         top = "+inf" if before_ms is None else f"({before_ms}"
         page = await self._client.zrevrangebyscore(key, top, "-inf", start=0, num=limit)
-        entries = [orjson.loads(m) for m in page]
+        entries = [_transaction(m) for m in page]
         if len(entries) == limit and entries:
             last = entries[-1]["ts"]
             same = await self._client.zrevrangebyscore(key, last, last)
-            entries = [e for e in entries if e["ts"] != last] + [orjson.loads(m) for m in same]
+            entries = [e for e in entries if e["ts"] != last] + [_transaction(m) for m in same]
         return entries
 
     async def usage(
@@ -244,21 +243,22 @@ class Ledger:
         model: str | None = None,
         limit: int = 100,
     ) -> list[dict]:
-        """Usage records with since_ms <= ts <= until_ms, newest first, optionally one model."""
+        """Usage records with since_ms <= ts <= until_ms, newest first, optionally one model:
+        the ledger's request entries, in the usage shape (grants are not requests)."""
         if limit <= 0:
             return []
-        key = store.usage(account)
+        key = store.ledger(account)
         top = "+inf" if until_ms is None else str(until_ms)
         bottom = "-inf" if since_ms is None else str(since_ms)
-        batch = max(limit, 100) if model else limit
+        batch = max(limit, 100)
         records: list[dict] = []
         offset = 0
         while len(records) < limit:
             page = await self._client.zrevrangebyscore(key, top, bottom, start=offset, num=batch)
             for member in page:
-                record = orjson.loads(member)
-                if model is None or record["model"] == model:
-                    records.append(record)
+                entry = orjson.loads(member)
+                if "request_id" in entry and (model is None or entry["model"] == model):
+                    records.append(_usage_record(entry))
             if len(page) < batch:
                 break
             offset += batch
@@ -273,6 +273,30 @@ class Ledger:
         members, balance = await pipe.execute()
         total = sum(orjson.loads(m)["amount"] for m in members)
         return total, int(balance or 0)
+
+
+# A settled request's ledger entry is also its usage record (one write per request, not two):
+# these fields are the usage view's alone, and /v1/credits/transactions leaves them out.
+_USAGE_ONLY = ("backend", "latency_ms", "status")
+_USAGE_FIELDS = ("ts", "request_id", "key_prefix", "model", "backend", "tokens_in", "tokens_out")
+
+
+def _transaction(member: bytes) -> dict[str, Any]:
+    entry = orjson.loads(member)
+    for name in _USAGE_ONLY:
+        entry.pop(name, None)
+    return entry
+
+
+def _usage_record(entry: dict[str, Any]) -> dict[str, Any]:
+    """The usage shape of a request's ledger entry. Entries written before the two were one
+    (tg:usage:{account} held the usage records then) show backend, latency and status as null."""
+    record = {name: entry.get(name) for name in _USAGE_FIELDS}
+    record["unit"] = entry.get("unit", "tokens")
+    record["cost"] = -entry["amount"]
+    record["latency_ms"] = entry.get("latency_ms")
+    record["status"] = entry.get("status")
+    return record
 
 
 def _now(value: int | None) -> int:

@@ -17,14 +17,19 @@ Money (extproc/ledger.py, scripts in extproc/store_scripts.py; amounts in intege
                                        account's limits (rpm, tpm, concurrency), name,
                                        created_at
     tg:accounts                 set    every account that has a balance, a key or was created
-    tg:rl:{key_hash}:{minute}   hash   req, tok in one fixed minute window; expires after 120 s
-    tg:cc:{key_hash}            zset   in-flight request ids -> reservation expiry (ms)
-    tg:resv:{request_id}        hash   one pending reservation (see store_scripts.RESERVE)
+    tg:rl:{key_hash}:{minute}   hash   req, tok in one fixed minute window; expires 120 s after
+                                       its first request (keys with an rpm or tpm limit only)
+    tg:cc:{key_hash}            zset   in-flight request ids -> reservation expiry (ms) (keys
+                                       with a concurrency limit only)
+    tg:resv:{request_id}        string one pending reservation, a JSON array of strings
+                                       (store_scripts.RESV_FIELDS; earlier versions: a hash)
     tg:resv-due                 zset   pending request ids -> expiry (ms), for the sweeper
     tg:done:{request_id}        string the request is settled (JSON figures); expires in 30 d
     tg:grant:{grant_id}         string the grant was applied (idempotency); expires in 30 d
-    tg:ledger:{account}         zset   immutable ledger entries (JSON), scored by ts (ms)
-    tg:usage:{account}          zset   usage records (JSON), scored by ts (ms)
+    tg:ledger:{account}         zset   immutable ledger entries (JSON), scored by ts (ms); a
+                                       request's entry is its usage record too (ledger.usage)
+
+(Before 2026-11-23 usage records were also written to tg:usage:{account}; nothing reads it now.)
 
 Request ids come from clients (X-Request-ID), so nothing else lives under tg:resv: or tg:done:
 (hence tg:resv-due, not tg:resv:due), and grant ids have their own namespace: a client cannot
@@ -106,10 +111,6 @@ def grant_done(grant_id: str) -> str:
 
 def ledger(account: str) -> str:
     return f"tg:ledger:{account}"
-
-
-def usage(account: str) -> str:
-    return f"tg:usage:{account}"
 
 
 def connect(url: str) -> aioredis.Redis:

@@ -2,15 +2,16 @@
 
 Each money operation is one script, so one round trip and atomic. Key names come from
 extproc/store.py: the caller passes the keys it knows in KEYS, and ``reserve`` records in the
-reservation hash the names that ``settle`` and ``sweep`` will need (``k_acct``, ``k_cc``, ...), so
+reservation the names that ``settle`` and ``sweep`` will need (``k_acct``, ``k_cc``, ...), so
 the scripts never assemble a key name except by appending a minute or request id to a prefix
 that store.py gave them. Keys derived that way are not in KEYS: this needs a single Valkey/Redis
 instance (not Redis Cluster), which is what Tollgate runs.
 
 Numbers: Lua numbers are doubles, exact for integers below 2^53; extproc/ledger.py keeps every
 product (tokens x price per 1M) below that. Integers are written with ``int()`` (``%d``), never
-with Lua's default ``%.14g`` conversion, and JSON is built by ``json()`` for the same reason
-(cjson would print big integers in exponent form). Scripts return integers and strings only.
+with Lua's default ``%.14g`` conversion, and JSON with numbers is assembled from ``int()`` strings
+for the same reason (cjson would print big integers in exponent form); cjson encodes strings
+only. Scripts return integers and strings only.
 """
 
 from __future__ import annotations
@@ -27,25 +28,16 @@ WINDOW_TTL_S = 120  # a one-minute rate window lives until well after its minute
 
 # Helpers shared by every script. cost() and affordable() mirror money.token_cost and
 # money.max_affordable_completion, exactly (tests/test_ledger.py checks it on a grid).
+#
+# Cost per call matters here: Valkey shares the gateway's cores, and each ``redis.call`` costs
+# ~1 µs (a write ~2 µs) on top of ~10 µs per script call. So the hot scripts read each key once
+# and compute their replies from what they read; keep a reservation as one string (cjson array
+# of strings) rather than a 24-field hash; touch the rate window and the in-flight set only for
+# keys with such a limit; and write one ledger entry per request that the usage view reads too.
 _PRELUDE = r"""
 local function int(n) return string.format('%d', n) end
-
--- JSON object from a flat list {k1, v1, k2, v2, ...}; numbers as integers, cjson.null as null
-local function json(fields)
-  local parts = {}
-  for i = 1, #fields, 2 do
-    local v = fields[i + 1]
-    if type(v) == 'number' then v = int(v) else v = cjson.encode(v) end
-    parts[#parts + 1] = cjson.encode(fields[i]) .. ':' .. v
-  end
-  return '{' .. table.concat(parts, ',') .. '}'
-end
-
-local function hash(key)
-  local flat, t = redis.call('HGETALL', key), {}
-  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
-  return t
-end
+local function num(v) if v == nil or v == cjson.null then return 'null' end return int(v) end
+local enc = cjson.encode
 
 -- money.token_cost: ceil((p * in + c * out) / 1e6) + per_request. Exact while the sum is below
 -- 2^53: a double quotient x / d is off by at most x / d * 2^-53 < 1 / d, less than the distance
@@ -74,15 +66,46 @@ local function left(limit, used)
   return math.max(limit - used, 0)
 end
 
-local function window(key)
+-- a key's rate window, read only when it has a rate limit (nothing counts for unlimited keys)
+local function window(key, rpm, tpm)
+  if rpm <= 0 and tpm <= 0 then return 0, 0 end
   local v = redis.call('HMGET', key, 'req', 'tok')
   return tonumber(v[1]) or 0, tonumber(v[2]) or 0
 end
+"""
+
+# The reservation record, a JSON array of strings in this order (RESERVE writes it).
+RESV_FIELDS = (
+    "account", "key_prefix", "model", "backend", "amount", "prompt_est", "granted",
+    "tok_reserved", "unit", "minute", "input_per_1m", "output_per_1m", "per_request", "rpm", "tpm",
+    "created_ms", "expires_ms", "k_acct", "k_cc", "k_rl_prefix", "k_ledger", "k_done",
+)  # fmt: skip
+
+# What settle and sweep add to the prelude: reading a reservation, and posting it.
+_POSTING = (
+    _PRELUDE
+    + r"""
+-- The reservation at `key` from its string `raw` (MGET's answer: nil for a missing key and for
+-- a hash, the form an earlier version wrote, with the same names), or nil when there is none.
+local function reservation(key, raw)
+  if not raw then
+    if redis.call('TYPE', key).ok ~= 'hash' then return nil end
+    local flat, r = redis.call('HGETALL', key), {}
+    for i = 1, #flat, 2 do r[flat[i]] = flat[i + 1] end
+    r.unit = r.unit or 'tokens'
+    return r
+  end
+  local l = cjson.decode(raw)
+  return {"""
+    + ", ".join(f"{name} = l[{i}]" for i, name in enumerate(RESV_FIELDS, 1))
+    + r"""}
+end
 
 -- Post a reservation: release it, charge `amount_due` capped at what is available (the rest is
--- written off, so available never goes negative), record ledger entry, usage record and the
--- done marker, and forget the reservation. `tok_used` (or nil: keep the reserved count)
--- replaces the reserved tokens in the reservation's rate window.
+-- written off, so available never goes negative), write the ledger entry (which is also the
+-- request's usage record) and the done marker, and forget the reservation. `tok_used` (or nil:
+-- keep the reserved count) replaces the reserved tokens in the reservation's rate window.
+-- Returns charge, balance, pending, written_off, and that window's req and tok when it was read.
 local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, tok_used,
                     http_status, latency_ms, now)
   local reserved = tonumber(r.amount)
@@ -92,34 +115,40 @@ local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, to
   local written_off = amount_due - charge
   balance = balance - charge
   redis.call('HSET', r.k_acct, 'balance', int(balance), 'pending', int(pending))
-  local rl_key = r.k_rl_prefix .. r.minute
-  if tok_used and redis.call('EXISTS', rl_key) == 1 then
-    redis.call('HINCRBY', rl_key, 'tok', int(tok_used - tonumber(r.tok_reserved)))
+  local rpm, tpm = tonumber(r.rpm), tonumber(r.tpm)
+  local tok_reserved = tonumber(r.tok_reserved)
+  local req, tok
+  if tok_used and (rpm > 0 or tpm > 0) then
+    local rl_key = r.k_rl_prefix .. r.minute
+    local v = redis.call('HMGET', rl_key, 'req', 'tok')
+    if v[1] then  -- the window still exists (never recreate one without its expiry)
+      req, tok = tonumber(v[1]), tonumber(v[2]) or 0
+      if tok_used ~= tok_reserved then
+        tok = redis.call('HINCRBY', rl_key, 'tok', int(tok_used - tok_reserved))
+      end
+    end
   end
-  redis.call('ZREM', r.k_cc, rid)
+  if r.k_cc ~= '' then redis.call('ZREM', r.k_cc, rid) end
   redis.call('ZREM', due_key, rid)
   redis.call('DEL', resv_key)
-  local unit = r.unit or 'tokens'
-  redis.call('ZADD', r.k_ledger, int(now), json({
-    'id', rid, 'ts', now, 'type', kind, 'amount', -charge, 'balance', balance,
-    'request_id', rid, 'model', r.model, 'key_prefix', r.key_prefix,
-    'tokens_in', tin, 'tokens_out', tout, 'unit', unit, 'reserved', reserved,
-    'written_off', written_off, 'reason', reason}))
-  redis.call('ZADD', r.k_usage, int(now), json({
-    'ts', now, 'request_id', rid, 'key_prefix', r.key_prefix, 'model', r.model,
-    'backend', r.backend, 'tokens_in', tin, 'tokens_out', tout, 'unit', unit, 'cost', charge,
-    'latency_ms', latency_ms, 'status', http_status}))
-  redis.call('SET', r.k_done, json({
-    'type', kind, 'charged', charge, 'written_off', written_off, 'k_acct', r.k_acct,
-    'k_rl_prefix', r.k_rl_prefix, 'rpm', tonumber(r.rpm), 'tpm', tonumber(r.tpm)}),
-    'EX', DONE_TTL)
-  return charge, balance, pending, written_off
+  local erid = enc(rid)
+  redis.call('ZADD', r.k_ledger, int(now), table.concat({
+    '{"id":', erid, ',"ts":', int(now), ',"type":"', kind, '","amount":', int(-charge),
+    ',"balance":', int(balance), ',"request_id":', erid, ',"model":', enc(r.model),
+    ',"key_prefix":', enc(r.key_prefix), ',"tokens_in":', num(tin), ',"tokens_out":', num(tout),
+    ',"unit":', enc(r.unit), ',"reserved":', int(reserved), ',"written_off":', int(written_off),
+    ',"reason":', enc(reason), ',"backend":', enc(r.backend), ',"latency_ms":', num(latency_ms),
+    ',"status":', num(http_status), '}'}))
+  redis.call('SET', r.k_done, enc({int(charge), int(written_off), kind, r.k_acct, r.k_rl_prefix,
+    r.rpm, r.tpm}), 'EX', DONE_TTL)
+  return charge, balance, pending, written_off, req, tok
 end
 """
+)
 
 # 1. reserve: rate check + concurrency check + credit reservation, in this order.
 # KEYS: resv, done, rate window (this minute), in-flight zset, due zset, account, accounts,
-#       ledger, usage (the last two are only recorded in the reservation, for settle)
+#       ledger (only recorded in the reservation, for settle)
 # ARGV: request_id, account, key_hash, key_prefix, model, backend, prompt_tokens,
 #       requested_max_tokens (0 = clamp to what the balance and the limits allow, up to cap;
 #       with cap 0 too, the request generates nothing: embeddings), cap,
@@ -131,11 +160,13 @@ end
 #          reset_s, retry_after, balance, pending, available} for every status; status is one
 #          of ok, duplicate, rate_limit_requests, concurrency, rate_limit_tokens,
 #          insufficient_credits. Remaining is -1 for an unlimited (0) limit.
+# A key without rpm and tpm limits keeps no rate window, and one without a concurrency limit
+# is not in the in-flight set: a limit set later counts from the first request after it.
 RESERVE = (
     _PRELUDE
     + r"""
 local resv_key, done_key, rl_key, cc_key, due_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local acct_key, accounts_key, ledger_key, usage_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local acct_key, accounts_key, ledger_key = KEYS[6], KEYS[7], KEYS[8]
 local rid = ARGV[1]
 local prompt, requested, cap = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local pin, pout, preq = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
@@ -145,29 +176,28 @@ local unit = ARGV[20] or 'tokens'
 local windowed = unit == 'tokens'  -- media units are not tokens: the tpm window ignores them
 
 local reset_s = math.max(math.ceil(((minute + 1) * 60000 - now) / 1000), 1)
+local req, tok = window(rl_key, rpm, tpm)
+local acct = redis.call('HMGET', acct_key, 'balance', 'pending')
+local balance, pending = tonumber(acct[1]) or 0, tonumber(acct[2]) or 0
 
 local function reply(status, granted, amount, retry_after)
-  local req, tok = window(rl_key)
-  local balance, pending = balances(acct_key)
   return {status, granted, amount, rpm, left(rpm, req), tpm, left(tpm, tok), reset_s,
           retry_after, balance, pending, balance - pending}
 end
 
 -- (a) a request id is reserved and settled once
-if redis.call('EXISTS', resv_key) == 1 or redis.call('EXISTS', done_key) == 1 then
-  return reply('duplicate', 0, 0, 0)
-end
+if redis.call('EXISTS', resv_key, done_key) > 0 then return reply('duplicate', 0, 0, 0) end
 
 -- (b) requests per fixed minute window
-local req, tok = window(rl_key)
 if rpm > 0 and req + 1 > rpm then return reply('rate_limit_requests', 0, 0, reset_s) end
 
 -- (c) concurrency: members whose reservation timed out no longer count
-redis.call('ZREMRANGEBYSCORE', cc_key, '-inf', int(now))
-if conc > 0 and redis.call('ZCARD', cc_key) >= conc then return reply('concurrency', 0, 0, 1) end
+if conc > 0 and redis.call('ZCARD', cc_key) >= conc then
+  redis.call('ZREMRANGEBYSCORE', cc_key, '-inf', int(now))
+  if redis.call('ZCARD', cc_key) >= conc then return reply('concurrency', 0, 0, 1) end
+end
 
 -- (d) money, and the token window
-local balance, pending = balances(acct_key)
 local available = balance - pending
 local granted = requested  -- cap 0 and no max_tokens: nothing to generate (embeddings)
 if requested <= 0 and cap > 0 then
@@ -184,21 +214,20 @@ end
 if amount > available then return reply('insufficient_credits', 0, amount, 0) end
 
 -- (e) apply
-redis.call('HINCRBY', rl_key, 'req', 1)
-redis.call('HINCRBY', rl_key, 'tok', int(counted))
-redis.call('EXPIRE', rl_key, WINDOW_TTL)
-redis.call('ZADD', cc_key, int(now + ttl), rid)
-redis.call('HSET', resv_key,
-  'account', ARGV[2], 'key_hash', ARGV[3], 'key_prefix', ARGV[4], 'model', ARGV[5],
-  'backend', ARGV[6], 'amount', int(amount), 'prompt_est', int(prompt),
-  'granted', int(granted), 'tok_reserved', int(counted), 'unit', unit, 'minute', int(minute),
-  'input_per_1m', int(pin), 'output_per_1m', int(pout), 'per_request', int(preq),
-  'rpm', int(rpm), 'tpm', int(tpm), 'created_ms', int(now), 'expires_ms', int(now + ttl),
-  'k_acct', acct_key, 'k_cc', cc_key, 'k_rl_prefix', ARGV[19], 'k_ledger', ledger_key,
-  'k_usage', usage_key, 'k_done', done_key)
+if rpm > 0 or tpm > 0 then
+  req, tok = req + 1, tok + counted
+  redis.call('HSET', rl_key, 'req', int(req), 'tok', int(tok))
+  if req == 1 then redis.call('EXPIRE', rl_key, WINDOW_TTL) end  -- a new window
+end
+if conc > 0 then redis.call('ZADD', cc_key, int(now + ttl), rid) else cc_key = '' end
+redis.call('SET', resv_key, enc({
+  ARGV[2], ARGV[4], ARGV[5], ARGV[6], int(amount), int(prompt), int(granted), int(counted), unit,
+  int(minute), int(pin), int(pout), int(preq), int(rpm), int(tpm), int(now), int(now + ttl),
+  acct_key, cc_key, ARGV[19], ledger_key, done_key}))
 redis.call('ZADD', due_key, int(now + ttl), rid)
-redis.call('HINCRBY', acct_key, 'pending', int(amount))
-redis.call('SADD', accounts_key, ARGV[2])
+pending = redis.call('HINCRBY', acct_key, 'pending', int(amount))
+-- an account with a balance is listed already (a grant lists it): list only the others
+if not acct[1] then redis.call('SADD', accounts_key, ARGV[2]) end
 return reply('ok', granted, amount, 0)
 """
 )
@@ -214,29 +243,37 @@ return reply('ok', granted, amount, 0)
 #          written_off, entry type}; status ok | duplicate (the first settlement's figures,
 #          nothing charged now) | unknown (no such reservation).
 SETTLE = (
-    _PRELUDE
+    _POSTING
     + r"""
 local resv_key, done_key, due_key = KEYS[1], KEYS[2], KEYS[3]
 local rid, p, c = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local http_status, latency_ms, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local reason = ARGV[7]
 
-local function reply(status, charged, written_off, kind, acct_key, rl_prefix, rpm, tpm)
-  local balance, pending = balances(acct_key)
-  local req, tok = window(rl_prefix .. int(math.floor(now / 60000)))
+local this_minute = math.floor(now / 60000)
+-- window_minute, req, tok: the window post() read, reused when it is this minute's
+local function reply(status, charged, written_off, kind, rl_prefix, rpm, tpm, balance, pending,
+                     window_minute, req, tok)
+  if not (req and window_minute == this_minute) then
+    req, tok = window(rl_prefix .. int(this_minute), rpm, tpm)
+  end
   return {status, charged, balance, pending, balance - pending, left(rpm, req), left(tpm, tok),
           written_off, kind}
 end
 
-local settled = redis.call('GET', done_key)
+local got = redis.call('MGET', done_key, resv_key)
+local settled = got[1]
 if settled then
   local d = cjson.decode(settled)
-  return reply('duplicate', d.charged, d.written_off, d.type, d.k_acct, d.k_rl_prefix, d.rpm,
-               d.tpm)
+  if d[1] == nil then  -- written by an earlier version, as an object
+    d = {d.charged, d.written_off, d.type, d.k_acct, d.k_rl_prefix, d.rpm, d.tpm}
+  end
+  local balance, pending = balances(d[4])
+  return reply('duplicate', tonumber(d[1]), tonumber(d[2]), d[3], d[5], tonumber(d[6]),
+               tonumber(d[7]), balance, pending)
 end
-if redis.call('EXISTS', resv_key) == 0 then return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''} end
-
-local r = hash(resv_key)
+local r = reservation(resv_key, got[2])
+if not r then return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''} end
 if latency_ms < 0 then latency_ms = now - tonumber(r.created_ms) end
 local known = p >= 0 and c >= 0
 local kind, amount_due, tin, tout = 'debit', 0, cjson.null, cjson.null
@@ -247,7 +284,7 @@ if p == -2 then
   used = tonumber(r.tok_reserved)
 else
   if known then tin, tout, used = p, c, p + c end
-  if (r.unit or 'tokens') ~= 'tokens' then used = 0 end
+  if r.unit ~= 'tokens' then used = 0 end
   if not known or (http_status >= 400 and p + c == 0) then
     kind = 'void'
   else
@@ -255,10 +292,11 @@ else
                       tonumber(r.per_request), p, c)
   end
 end
-local charge, _, _, written_off = post(rid, resv_key, r, due_key, amount_due, kind, reason,
-                                       tin, tout, used, http_status, latency_ms, now)
-return reply('ok', charge, written_off, kind, r.k_acct, r.k_rl_prefix, tonumber(r.rpm),
-             tonumber(r.tpm))
+local charge, balance, pending, written_off, req, tok = post(
+  rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, used, http_status, latency_ms,
+  now)
+return reply('ok', charge, written_off, kind, r.k_rl_prefix, tonumber(r.rpm), tonumber(r.tpm),
+             balance, pending, tonumber(r.minute), req, tok)
 """
 )
 
@@ -266,7 +304,7 @@ return reply('ok', charge, written_off, kind, r.k_acct, r.k_rl_prefix, tonumber(
 # reserved amount (capped at what is available, like settle). The reserved tokens stay counted.
 # KEYS: due zset.  ARGV: now_ms, limit, reservation key prefix.  Returns how many expired.
 SWEEP = (
-    _PRELUDE
+    _POSTING
     + r"""
 local due_key = KEYS[1]
 local now, limit, resv_prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
@@ -275,8 +313,8 @@ local ids = redis.call('ZRANGEBYSCORE', due_key, '-inf', int(now), 'LIMIT', 0, i
 local expired = 0
 for _, rid in ipairs(ids) do
   local resv_key = resv_prefix .. rid
-  if redis.call('EXISTS', resv_key) == 1 then
-    local r = hash(resv_key)
+  local r = reservation(resv_key, redis.call('MGET', resv_key)[1])
+  if r then
     post(rid, resv_key, r, due_key, tonumber(r.amount), 'expired', reason,
          tonumber(r.prompt_est), tonumber(r.granted), nil, 0, now - tonumber(r.created_ms), now)
     expired = expired + 1
@@ -295,6 +333,17 @@ return expired
 GRANT = (
     _PRELUDE
     + r"""
+-- JSON object from a flat list {k1, v1, k2, v2, ...}; numbers as integers, cjson.null as null
+local function json(fields)
+  local parts = {}
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if type(v) == 'number' then v = int(v) else v = enc(v) end
+    parts[#parts + 1] = enc(fields[i]) .. ':' .. v
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
 local acct_key, accounts_key, ledger_key, marker_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local amount, now = tonumber(ARGV[2]), tonumber(ARGV[6])
 local idempotent = ARGV[5] == '1'

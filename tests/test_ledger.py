@@ -386,6 +386,86 @@ async def test_usage_filters(ledger: Ledger) -> None:
     assert len(await ledger.usage("acme", model="m1", limit=3)) == 3
 
 
+async def test_one_entry_per_request_is_both_transaction_and_usage(
+    ledger: Ledger, client: redis.asyncio.Redis
+) -> None:
+    await ledger.grant("acme", 10**6)
+    assert (await ledger.reserve(request("a"), now_ms=T0)).ok
+    s = await ledger.settle("a", 90, 7, 200, 12, now_ms=T0 + 5)
+    (usage,) = await ledger.usage("acme")  # the grant is not a request
+    assert usage == {
+        "ts": T0 + 5, "request_id": "a", "key_prefix": "tg_k1", "model": "m1", "backend": "b1",
+        "tokens_in": 90, "tokens_out": 7, "unit": "tokens", "cost": s.charged, "latency_ms": 12,
+        "status": 200,
+    }  # fmt: skip
+    debit, grant = await ledger.transactions("acme")
+    assert set(debit) == {
+        "id", "ts", "type", "amount", "balance", "request_id", "model", "key_prefix",
+        "tokens_in", "tokens_out", "unit", "reserved", "written_off", "reason",
+    }  # fmt: skip
+    assert debit["amount"] == -s.charged and grant["type"] == "grant"
+    assert await client.zcard("tg:ledger:acme") == 2
+    assert not await client.keys("tg:usage:*")
+
+
+async def test_limits_keep_state_only_for_keys_that_have_them(
+    ledger: Ledger, client: redis.asyncio.Redis
+) -> None:
+    await ledger.grant("acme", 10**6)
+    assert (await ledger.reserve(request("a", key="free"), now_ms=T0)).ok
+    assert not await client.keys("tg:rl:*") and not await client.keys("tg:cc:*")
+    await ledger.settle("a", 100, 50, 200, 1, now_ms=T0 + 1)
+    limited = Limits(rpm=5, tpm=10_000, concurrency=3)
+    r = await ledger.reserve(request("b", key="lim", limits=limited), now_ms=T0)
+    assert (r.rpm_remaining, r.tpm_remaining) == (4, 10_000 - 150)
+    assert await client.keys("tg:rl:*") == [f"tg:rl:lim:{MINUTE}"]
+    assert 0 < await client.ttl(f"tg:rl:lim:{MINUTE}") <= 120
+    assert await client.zcard("tg:cc:lim") == 1
+    s = await ledger.settle("b", 100, 20, 200, 1, now_ms=T0 + 1)
+    assert (s.rpm_remaining, s.tpm_remaining) == (4, 10_000 - 120)
+    assert await client.zcard("tg:cc:lim") == 0
+
+
+async def test_records_an_earlier_version_wrote_are_settled_and_swept(
+    ledger: Ledger, client: redis.asyncio.Redis
+) -> None:
+    """A gateway upgraded with requests in flight: their reservations are hashes, their done
+    markers JSON objects. Settle, sweep and a replayed settle still read them."""
+    await ledger.grant("acme", 10**6)
+    amount = token_cost(PRICE, 100, 50)
+    await client.hset("tg:acct:acme", "pending", amount * 2)
+
+    def old(rid: str) -> dict[str, object]:
+        return {
+            "account": "acme", "key_hash": "k1", "key_prefix": "tg_k1", "model": "m1",
+            "backend": "b1", "amount": amount, "prompt_est": 100, "granted": 50,
+            "tok_reserved": 150, "unit": "tokens", "minute": MINUTE,
+            "input_per_1m": PRICE.input_per_1m, "output_per_1m": PRICE.output_per_1m,
+            "per_request": PRICE.per_request, "rpm": 0, "tpm": 0, "created_ms": T0,
+            "expires_ms": T0 + 1000, "k_acct": "tg:acct:acme", "k_cc": "tg:cc:k1",
+            "k_rl_prefix": "tg:rl:k1:", "k_ledger": "tg:ledger:acme",
+            "k_usage": "tg:usage:acme", "k_done": f"tg:done:{rid}",
+        }  # fmt: skip
+
+    for rid in ("old1", "old2"):
+        await client.hset(f"tg:resv:{rid}", mapping=old(rid))
+        await client.zadd("tg:resv-due", {rid: T0 + 1000})
+    s = await ledger.settle("old1", 100, 10, 200, 3, now_ms=T0 + 5)
+    assert s.status == "ok" and s.charged == token_cost(PRICE, 100, 10)
+    assert await ledger.sweep(now_ms=T0 + 2000) == 1
+    b = await ledger.balance("acme")
+    assert (b.balance, b.pending) == (10**6 - s.charged - amount, 0)
+    await client.set(
+        "tg:done:old3",
+        '{"type":"debit","charged":42,"written_off":0,"k_acct":"tg:acct:acme",'
+        '"k_rl_prefix":"tg:rl:k1:","rpm":0,"tpm":0}',
+    )
+    replay = await ledger.settle("old3", 1, 1, 200, 1, now_ms=T0 + 6)
+    assert (replay.status, replay.charged, replay.entry_type) == ("duplicate", 42, "debit")
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
+
+
 async def test_lua_formulas_agree_with_money(ledger: Ledger) -> None:
     prices = [
         Price(),
