@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,24 +167,37 @@ class Ledger:
         ``charge_reserved``: the request was served but its usage is unknown (a stream cut off
         by a backend that reports no running usage): charge the reserved amount.
         ``latency_ms`` < 0: measure it from the reservation's creation."""
-        unknown = prompt_tokens is None or completion_tokens is None
-        keys = [
-            store.reservation(request_id),
-            store.done(request_id),
-            store.reservations_due(),
-        ]
-        args = [
-            request_id,
-            -2 if charge_reserved else -1 if unknown else prompt_tokens,
-            -2 if charge_reserved else -1 if unknown else completion_tokens,
-            status,
-            latency_ms,
-            _now(now_ms),
-            reason,
-        ]
-        reply = await self._scripts.settle(keys=keys, args=args)
-        figures = (int(v) for v in reply[1:8])
-        return Settlement(_str(reply[0]), *figures, entry_type=_str(reply[8]))
+        keys, args = _settle_call(
+            request_id, prompt_tokens, completion_tokens, status, latency_ms, reason, now_ms,
+            charge_reserved,
+        )  # fmt: skip
+        return _settlement(await self._scripts.settle(keys=keys, args=args))
+
+    def settle_soon(
+        self,
+        request_id: str,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        status: int,
+        latency_ms: int,
+        reason: str,
+        charge_reserved: bool,
+        done: Callable[[Settlement | None, BaseException | None], None],
+    ) -> bool:
+        """``settle``, sent now and not awaited: ``done`` gets the result later. False (nothing
+        sent) without the pipelined client or its connection; then await ``settle``."""
+        soon = getattr(self._scripts.settle, "soon", None)
+        if soon is None:
+            return False
+        keys, args = _settle_call(
+            request_id, prompt_tokens, completion_tokens, status, latency_ms, reason, None,
+            charge_reserved,
+        )  # fmt: skip
+
+        def answered(reply: Any, exc: BaseException | None) -> None:
+            done(None, exc) if exc is not None else done(_settlement(reply), None)
+
+        return bool(soon(keys, args, answered))
 
     async def sweep(self, now_ms: int | None = None, limit: int = 100) -> int:
         """Charge the reserved amount of up to ``limit`` timed-out reservations; how many."""
@@ -297,6 +311,35 @@ def _usage_record(entry: dict[str, Any]) -> dict[str, Any]:
     record["latency_ms"] = entry.get("latency_ms")
     record["status"] = entry.get("status")
     return record
+
+
+def _settle_call(
+    request_id: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    status: int,
+    latency_ms: int,
+    reason: str,
+    now_ms: int | None,
+    charge_reserved: bool,
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the settle script (store_scripts.SETTLE)."""
+    unknown = prompt_tokens is None or completion_tokens is None
+    keys = [store.reservation(request_id), store.done(request_id), store.reservations_due()]
+    args = [
+        request_id,
+        -2 if charge_reserved else -1 if unknown else prompt_tokens,
+        -2 if charge_reserved else -1 if unknown else completion_tokens,
+        status,
+        latency_ms,
+        _now(now_ms),
+        reason,
+    ]
+    return keys, args
+
+
+def _settlement(reply: list[Any]) -> Settlement:
+    return Settlement(_str(reply[0]), *(int(v) for v in reply[1:8]), entry_type=_str(reply[8]))
 
 
 def _now(value: int | None) -> int:

@@ -120,10 +120,16 @@ class Meter:
         same account in flight at the same time are not reflected; GET /v1/credits is exact).
         If the call fails, the sweeper charges the reservation later."""
         reason = "settled" if status < 400 else "backend_error"
-        task = asyncio.ensure_future(self.settle(request_id, usage, status, started_ms, reason))
-        self._pending.add(task)
-        task.add_done_callback(self._settled)
         tokens = _tokens(usage)
+        prompt, completion = tokens if tokens else (None, None)
+        sent = self.ledger.settle_soon(
+            request_id, prompt, completion, status, _latency(started_ms), reason,
+            prompt is None and 0 < status < 400, _settled_soon,
+        )  # fmt: skip
+        if not sent:  # no pipelined connection yet: a task awaits the call instead
+            task = asyncio.ensure_future(self.settle(request_id, usage, status, started_ms, reason))
+            self._pending.add(task)
+            task.add_done_callback(self._settled)
         before = res.available + res.amount  # available once this reservation is released
         if tokens is None:
             due = res.amount if status < 400 else 0
@@ -157,12 +163,21 @@ class Meter:
     ) -> Settlement:
         tokens = _tokens(usage)
         prompt, completion = tokens if tokens else (None, None)
-        latency = max(0, int(time.time() * 1000) - started_ms) if started_ms else -1
         # Served (2xx/3xx) but no usage known: charge the reservation, never serve for free.
         served_unknown = prompt is None and 0 < status < 400
         return await self.ledger.settle(
-            request_id, prompt, completion, status, latency, reason, charge_reserved=served_unknown
-        )
+            request_id, prompt, completion, status, _latency(started_ms), reason,
+            charge_reserved=served_unknown,
+        )  # fmt: skip
+
+
+def _latency(started_ms: int) -> int:
+    return max(0, int(time.time() * 1000) - started_ms) if started_ms else -1
+
+
+def _settled_soon(settlement: Settlement | None, exc: BaseException | None) -> None:
+    if exc is not None:  # the sweeper charges the reservation later
+        log.error("settle_failed", error=str(exc))
 
 
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int] | None:

@@ -3,10 +3,14 @@
 redis-py's asyncio client spends most of a call on its pool, retry and health-check machinery;
 measured here that cost more than the store round trip itself. This client keeps one connection
 per worker, writes each call at once (calls from concurrent requests pipeline on the socket), and
-matches replies to callers in order, parsing with hiredis's C reader. It speaks only what the
+matches replies to callers in order, with hiredis's C packer and reader. It speaks only what the
 scripts need: EVALSHA, falling back to EVAL (which also loads the script) on NOSCRIPT, e.g.
 after the store restarted. Errors are redis-py's exception types, so callers treat both clients
 alike. Everything else (queries, the CLI, key lookups) uses redis-py.
+
+Per call it costs a future and a packed command, nothing more: one watchdog timer per
+connection expires calls the store has not answered in time (no timer per call), and
+``evalsha_soon`` sends a call whose answer nobody awaits (a settlement) without a task.
 """
 
 from __future__ import annotations
@@ -14,50 +18,48 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 import redis.exceptions
 
-
-def _pack(parts: tuple[Any, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        if isinstance(part, bytes):
-            data = part
-        elif isinstance(part, str):
-            data = part.encode()
-        else:
-            data = str(part).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+_pack = hiredis.pack_command  # a RESP command from str, bytes and int parts, in C
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 2.0) -> None:
         self.reader = hiredis.Reader(encoding="utf-8")
         self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.deadlines: deque[float] = deque()  # loop time by which each waiter expires
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.timeout = timeout
         self._out: list[bytes] = []  # calls made in this loop iteration, written together
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        waiters, deadlines = self.waiters, self.deadlines
         while (reply := self.reader.gets()) is not False:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
+            waiter = waiters.popleft()
+            deadlines.popleft()
+            if not waiter.done():  # an expired call's answer comes too, and is dropped
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(redis.exceptions.ConnectionError("store connection lost"))
+        self.deadlines.clear()
 
     def call(self, *parts: Any) -> asyncio.Future[Any]:
         if self.closed or self.transport is None:
@@ -65,21 +67,36 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self.waiters.append(waiter)
+        self.deadlines.append(loop.time() + self.timeout)
         if not self._out:
             loop.call_soon(self._flush)
         self._out.append(_pack(parts))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout, self._watch)
         return waiter
+
+    def _watch(self) -> None:
+        """Expire the calls whose deadline passed (replies come in order: the oldest first), and
+        look again at the next deadline while calls are outstanding."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = None
+        for waiter, deadline in zip(self.waiters, self.deadlines, strict=True):
+            if deadline > now:
+                pending = deadline
+                break
+            if not waiter.done():
+                waiter.set_exception(redis.exceptions.TimeoutError("store did not answer in time"))
+        if pending is not None or self.waiters:
+            delay = pending - now if pending is not None else self.timeout
+            self._watchdog = loop.call_later(delay, self._watch)
 
     def _flush(self) -> None:
         # One write (one syscall, one read for the store) for every call of the iteration.
         out, self._out = self._out, []
         if self.transport is not None and not self.closed:
             self.transport.write(b"".join(out))
-
-
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_exception(redis.exceptions.TimeoutError("store did not answer in time"))
 
 
 class ScriptClient:
@@ -108,10 +125,14 @@ class ScriptClient:
                 return self._conn
             loop = asyncio.get_running_loop()
             try:
+
+                def protocol() -> _Connection:
+                    return _Connection(self._timeout)
+
                 if self._unix:
-                    make = loop.create_unix_connection(_Connection, self._unix)
+                    make = loop.create_unix_connection(protocol, self._unix)
                 else:
-                    make = loop.create_connection(_Connection, self._host, self._port)
+                    make = loop.create_connection(protocol, self._host, self._port)
                 _, conn = await asyncio.wait_for(make, self._timeout)
             except (OSError, TimeoutError) as exc:
                 raise redis.exceptions.ConnectionError(f"store unreachable: {exc}") from None
@@ -123,13 +144,9 @@ class ScriptClient:
             self._conn = conn
             return conn
 
-    async def _wait(self, waiter: asyncio.Future[Any]) -> Any:
-        # A timer on the future itself: asyncio.wait_for would wrap every call in a task.
-        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, waiter)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+    @staticmethod
+    async def _wait(waiter: asyncio.Future[Any]) -> Any:
+        return await waiter  # the connection's watchdog expires it (asyncio.wait_for: a task)
 
     @staticmethod
     def _check(reply: Any) -> Any:
@@ -142,11 +159,42 @@ class ScriptClient:
         return reply
 
     async def evalsha(self, sha: str, source: str, keys: list[Any], args: list[Any]) -> Any:
-        conn = await self._connection()
-        reply = await self._wait(conn.call("EVALSHA", sha, len(keys), *keys, *args))
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self._connection()
+        reply = await conn.call("EVALSHA", sha, len(keys), *keys, *args)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await self._wait(conn.call("EVAL", source, len(keys), *keys, *args))
+            reply = await conn.call("EVAL", source, len(keys), *keys, *args)
         return self._check(reply)
+
+    def evalsha_soon(
+        self,
+        sha: str,
+        source: str,
+        keys: list[Any],
+        args: list[Any],
+        done: Callable[[Any, BaseException | None], None],
+    ) -> bool:
+        """Send the call now and hand its reply (or error) to ``done`` later, without a task.
+        False when there is no open connection: the caller awaits ``evalsha`` instead."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return False
+
+        def answered(f: asyncio.Future[Any]) -> None:
+            try:
+                reply = f.result()
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    if conn.closed:
+                        raise redis.exceptions.ConnectionError("store connection lost")
+                    conn.call("EVAL", source, len(keys), *keys, *args).add_done_callback(answered)
+                    return
+                done(self._check(reply), None)
+            except Exception as exc:
+                done(None, exc)
+
+        conn.call("EVALSHA", sha, len(keys), *keys, *args).add_done_callback(answered)
+        return True
 
     async def aclose(self) -> None:
         if self._conn is not None and self._conn.transport is not None:
@@ -163,3 +211,9 @@ class FastScript:
 
     async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
         return await self._client.evalsha(self._sha, self._source, keys, args)
+
+    def soon(
+        self, keys: list[Any], args: list[Any], done: Callable[[Any, BaseException | None], None]
+    ) -> bool:
+        """See ScriptClient.evalsha_soon."""
+        return self._client.evalsha_soon(self._sha, self._source, keys, args, done)

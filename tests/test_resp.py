@@ -73,3 +73,61 @@ def test_errors_are_redis_py_types(valkey: tuple[int, subprocess.Popen[bytes]]) 
     down = FastScript(ScriptClient(f"redis://127.0.0.1:{port}", timeout=0.5), ECHO)
     with pytest.raises(redis.exceptions.ConnectionError):
         asyncio.run(down(keys=["k"], args=["x"]))
+
+
+def test_calls_the_store_never_answers_time_out() -> None:
+    """A store that accepts and then says nothing: each call fails after the timeout (the
+    connection's one watchdog, not a timer per call), awaited or sent with evalsha_soon."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    client = ScriptClient(f"redis://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
+    script = FastScript(client, ECHO)
+
+    async def run() -> tuple[float, list[BaseException | None]]:
+        loop = asyncio.get_running_loop()
+        await client._connection()
+        errors: list[BaseException | None] = []
+        assert script.soon(["k"], ["x"], lambda reply, exc: errors.append(exc))
+        t0 = loop.time()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await script(keys=["k"], args=["y"])
+        return loop.time() - t0, errors
+
+    elapsed, errors = asyncio.run(run())
+    silent.close()
+    assert 0.25 < elapsed < 2
+    assert len(errors) == 1 and isinstance(errors[0], redis.exceptions.TimeoutError)
+
+
+def test_soon_answers_in_order_and_reloads_a_flushed_script(
+    valkey: tuple[int, subprocess.Popen[bytes]],
+) -> None:
+    port, _ = valkey
+    client = ScriptClient(f"redis://:s3cret@127.0.0.1:{port}/0")
+    script = FastScript(client, ECHO)
+    sync = redis.Redis(port=port, password="s3cret")
+
+    async def run() -> list[tuple[object, BaseException | None]]:
+        answers: list[tuple[object, BaseException | None]] = []
+        assert not script.soon(["n"], ["early"], lambda r, e: None)  # not connected yet
+        await script(keys=["n"], args=["first"])
+        sync.script_flush()
+        done = asyncio.Event()
+
+        def record(reply: object, exc: BaseException | None) -> None:
+            answers.append((reply, exc))
+            if len(answers) == 50:
+                done.set()
+
+        for i in range(50):
+            assert script.soon(["n"], [i], record)
+        await asyncio.wait_for(done.wait(), 5)
+        return answers
+
+    answers = asyncio.run(run())
+    assert all(exc is None for _, exc in answers)
+    assert sorted(int(reply[0]) for reply, _ in answers) == list(range(50))  # type: ignore[index]
+    assert sorted(reply[1] for reply, _ in answers) == list(range(2, 52))  # type: ignore[index]
