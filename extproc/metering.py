@@ -121,15 +121,9 @@ class Meter:
         If the call fails, the sweeper charges the reservation later."""
         reason = "settled" if status < 400 else "backend_error"
         tokens = _tokens(usage)
-        prompt, completion = tokens if tokens else (None, None)
-        sent = self.ledger.settle_soon(
-            request_id, prompt, completion, status, _latency(started_ms), reason,
-            prompt is None and 0 < status < 400, _settled_soon,
-        )  # fmt: skip
-        if not sent:  # no pipelined connection yet: a task awaits the call instead
-            task = asyncio.ensure_future(self.settle(request_id, usage, status, started_ms, reason))
-            self._pending.add(task)
-            task.add_done_callback(self._settled)
+        self.settle_later(request_id, usage, status, started_ms, reason).add_done_callback(
+            self._settled
+        )
         before = res.available + res.amount  # available once this reservation is released
         if tokens is None:
             due = res.amount if status < 400 else 0
@@ -148,10 +142,44 @@ class Meter:
             "ok", charged, 0, 0, before - charged, res.rpm_remaining, tpm_left, due - charged
         )
 
-    def _settled(self, task: asyncio.Task[Settlement]) -> None:
-        self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("settle_failed", error=str(task.exception()))
+    def settle_later(
+        self,
+        request_id: str,
+        usage: dict[str, Any] | None,
+        status: int,
+        started_ms: int,
+        reason: str = "settled",
+    ) -> asyncio.Future[Settlement]:
+        """``settle``, with the store call sent now: a future of its result (no task, unless
+        the pipelined connection is not open yet). Calls sent together pipeline."""
+        tokens = _tokens(usage)
+        prompt, completion = tokens if tokens else (None, None)
+        served_unknown = prompt is None and 0 < status < 400
+        future: asyncio.Future[Settlement] = asyncio.get_running_loop().create_future()
+
+        def done(settlement: Settlement | None, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(settlement)  # type: ignore[arg-type]
+
+        sent = self.ledger.settle_soon(
+            request_id, prompt, completion, status, _latency(started_ms), reason, served_unknown,
+            done,
+        )  # fmt: skip
+        if sent:
+            return future
+        task = asyncio.ensure_future(self.settle(request_id, usage, status, started_ms, reason))
+        self._pending.add(task)  # a reference until it is done
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    @staticmethod
+    def _settled(future: asyncio.Future[Settlement]) -> None:
+        if not future.cancelled() and future.exception() is not None:  # the sweeper charges it
+            log.error("settle_failed", error=str(future.exception()))
 
     async def settle(
         self,
@@ -173,11 +201,6 @@ class Meter:
 
 def _latency(started_ms: int) -> int:
     return max(0, int(time.time() * 1000) - started_ms) if started_ms else -1
-
-
-def _settled_soon(settlement: Settlement | None, exc: BaseException | None) -> None:
-    if exc is not None:  # the sweeper charges the reservation later
-        log.error("settle_failed", error=str(exc))
 
 
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int] | None:

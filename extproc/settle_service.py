@@ -48,6 +48,8 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
         from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsResponse
 
         async for message in request_iterator:
+            # A batch's settlements go out together (one write, pipelined), then are read back.
+            sent = []
             for entry in message.http_logs.log_entry:
                 fm = entry.common_properties.metadata.filter_metadata
                 if METADATA_NS not in fm:
@@ -66,10 +68,13 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 else:
                     reason = "settled"
                 t0 = time_ns()
+                settling = self.meter.settle_later(rid, usage, status, 0, reason)
+                sent.append((entry, fm, md, usage, status, reason, t0, settling))
+            for entry, fm, md, usage, status, reason, t0, settling in sent:
                 try:
-                    settled = await self.meter.settle(rid, usage, status, 0, reason)
+                    settled = await settling
                 except Exception:  # the sweeper charges the reservation later
-                    log.exception("log_settle_failed", request_id=rid)
+                    log.exception("log_settle_failed", request_id=md.get("request_id"))
                     continue
                 model = str(md.get("model") or "-")
                 if self.tracing is not None and md.get("trace_id"):
