@@ -18,9 +18,9 @@ sanitation (issue #6).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,22 +182,27 @@ class Ledger:
         latency_ms: int,
         reason: str,
         charge_reserved: bool,
-        done: Callable[[Settlement | None, BaseException | None], None],
-    ) -> bool:
-        """``settle``, sent now and not awaited: ``done`` gets the result later. False (nothing
-        sent) without the pipelined client or its connection; then await ``settle``."""
+    ) -> asyncio.Future[Settlement] | None:
+        """``settle``, sent now: a future of its result (a future, not a task). None (nothing
+        sent) without the pipelined client or its open connection; then await ``settle``."""
         soon = getattr(self._scripts.settle, "soon", None)
         if soon is None:
-            return False
+            return None
         keys, args = _settle_call(
             request_id, prompt_tokens, completion_tokens, status, latency_ms, reason, None,
             charge_reserved,
         )  # fmt: skip
+        future: asyncio.Future[Settlement] = asyncio.get_running_loop().create_future()
 
         def answered(reply: Any, exc: BaseException | None) -> None:
-            done(None, exc) if exc is not None else done(_settlement(reply), None)
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(_settlement(reply))
 
-        return bool(soon(keys, args, answered))
+        return future if soon(keys, args, answered) else None
 
     async def sweep(self, now_ms: int | None = None, limit: int = 100) -> int:
         """Charge the reserved amount of up to ``limit`` timed-out reservations; how many."""

@@ -6,6 +6,7 @@ Kept tiny and allocation-light: it runs several times per request.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -105,6 +106,18 @@ def request_headers_response(
     if mode is not None:
         resp.mode_override.CopyFrom(mode)
     return resp
+
+
+def put_fields(fields: Any, values: dict[str, str | bool | int | float]) -> None:
+    """Set flat scalar values on a Struct's ``fields`` (Struct.update recurses in Python,
+    several times slower for the few values a request's metadata has)."""
+    for key, value in values.items():
+        if isinstance(value, bool):
+            fields[key].bool_value = value
+        elif isinstance(value, str):
+            fields[key].string_value = value
+        else:
+            fields[key].number_value = value
 
 
 def request_body_response(

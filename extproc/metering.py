@@ -121,9 +121,7 @@ class Meter:
         If the call fails, the sweeper charges the reservation later."""
         reason = "settled" if status < 400 else "backend_error"
         tokens = _tokens(usage)
-        self.settle_later(request_id, usage, status, started_ms, reason).add_done_callback(
-            self._settled
-        )
+        self.settle(request_id, usage, status, started_ms, reason).add_done_callback(self._settled)
         before = res.available + res.amount  # available once this reservation is released
         if tokens is None:
             due = res.amount if status < 400 else 0
@@ -142,7 +140,7 @@ class Meter:
             "ok", charged, 0, 0, before - charged, res.rpm_remaining, tpm_left, due - charged
         )
 
-    def settle_later(
+    def settle(
         self,
         request_id: str,
         usage: dict[str, Any] | None,
@@ -150,28 +148,19 @@ class Meter:
         started_ms: int,
         reason: str = "settled",
     ) -> asyncio.Future[Settlement]:
-        """``settle``, with the store call sent now: a future of its result (no task, unless
-        the pipelined connection is not open yet). Calls sent together pipeline."""
-        tokens = _tokens(usage)
-        prompt, completion = tokens if tokens else (None, None)
-        served_unknown = prompt is None and 0 < status < 400
-        future: asyncio.Future[Settlement] = asyncio.get_running_loop().create_future()
-
-        def done(settlement: Settlement | None, exc: BaseException | None) -> None:
-            if future.done():
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(settlement)  # type: ignore[arg-type]
-
-        sent = self.ledger.settle_soon(
-            request_id, prompt, completion, status, _latency(started_ms), reason, served_unknown,
-            done,
-        )  # fmt: skip
-        if sent:
+        """Settle: the store call goes out now, and this is a future of its result (no task,
+        unless the pipelined connection is not open yet). Calls sent together pipeline."""
+        prompt, completion, served_unknown = _settle_args(usage, status)
+        latency = _latency(started_ms)
+        future = self.ledger.settle_soon(
+            request_id, prompt, completion, status, latency, reason, served_unknown
+        )
+        if future is not None:
             return future
-        task = asyncio.ensure_future(self.settle(request_id, usage, status, started_ms, reason))
+        awaited = self.ledger.settle(
+            request_id, prompt, completion, status, latency, reason, charge_reserved=served_unknown
+        )
+        task = asyncio.ensure_future(awaited)
         self._pending.add(task)  # a reference until it is done
         task.add_done_callback(self._pending.discard)
         return task
@@ -181,22 +170,13 @@ class Meter:
         if not future.cancelled() and future.exception() is not None:  # the sweeper charges it
             log.error("settle_failed", error=str(future.exception()))
 
-    async def settle(
-        self,
-        request_id: str,
-        usage: dict[str, Any] | None,
-        status: int,
-        started_ms: int,
-        reason: str = "settled",
-    ) -> Settlement:
-        tokens = _tokens(usage)
-        prompt, completion = tokens if tokens else (None, None)
-        # Served (2xx/3xx) but no usage known: charge the reservation, never serve for free.
-        served_unknown = prompt is None and 0 < status < 400
-        return await self.ledger.settle(
-            request_id, prompt, completion, status, _latency(started_ms), reason,
-            charge_reserved=served_unknown,
-        )  # fmt: skip
+
+def _settle_args(usage: dict[str, Any] | None, status: int) -> tuple[int | None, int | None, bool]:
+    """Prompt and completion tokens (None: unknown), and whether to charge the reservation:
+    served (2xx/3xx) but no usage known is charged the reservation, never served for free."""
+    tokens = _tokens(usage)
+    prompt, completion = tokens if tokens else (None, None)
+    return prompt, completion, prompt is None and 0 < status < 400
 
 
 def _latency(started_ms: int) -> int:

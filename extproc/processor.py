@@ -548,24 +548,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 changed = True
                 price = self.meter.prices[st.model.id] if st.model else None
                 metadata = Struct()
-                metadata.update(
+                fields = metadata.fields[METADATA_NS].struct_value.fields
+                m.put_fields(
+                    fields,
                     {
-                        METADATA_NS: {
-                            **marks,
-                            # for Envoy's Lua stream meter and the settling access log
-                            "stream": True,
-                            "request_id": st.request_id,
-                            "model": st.model.id if st.model else "",
-                            "keep_usage": bool(asked.get("include_usage")),
-                            "price_in": price.input_per_1m if price else 0,
-                            "price_out": price.output_per_1m if price else 0,
-                            "price_req": price.per_request if price else 0,
-                            "available": res.available + res.amount,
-                        }
-                    }
+                        **marks,
+                        # for Envoy's Lua stream meter and the settling access log
+                        "stream": True,
+                        "request_id": st.request_id,
+                        "model": st.model.id if st.model else "",
+                        "keep_usage": bool(asked.get("include_usage")),
+                        "price_in": price.input_per_1m if price else 0,
+                        "price_out": price.output_per_1m if price else 0,
+                        "price_req": price.per_request if price else 0,
+                        "available": res.available + res.amount,
+                    },
                 )
                 if st.trace is not None:  # the settling worker's span joins this trace
-                    fields = metadata.fields[METADATA_NS].struct_value.fields
                     fields["trace_id"].string_value = st.trace[0].hex()
                     fields["span_id"].string_value = st.span_id.hex()
                 st.settled = True  # from here on, Envoy's stream meter / access log settle it

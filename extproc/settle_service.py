@@ -68,7 +68,7 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 else:
                     reason = "settled"
                 t0 = time_ns()
-                settling = self.meter.settle_later(rid, usage, status, 0, reason)
+                settling = self.meter.settle(rid, usage, status, 0, reason)
                 sent.append((entry, fm, md, usage, status, reason, t0, settling))
             for entry, fm, md, usage, status, reason, t0, settling in sent:
                 try:

@@ -466,6 +466,28 @@ async def test_records_an_earlier_version_wrote_are_settled_and_swept(
     assert total == balance
 
 
+async def test_settle_soon_over_the_pipelined_client(
+    client: redis.asyncio.Redis, valkey_url: str
+) -> None:
+    """The request path's settlement: sent at once, a future of the same figures as settle."""
+    from extproc.resp import ScriptClient
+
+    fast = ScriptClient(valkey_url)
+    ledger = Ledger(client, fast)
+    await ledger.grant("acme", 10**6)
+    assert (await ledger.reserve(request("a"))).ok  # opens the pipelined connection
+    futures = [ledger.settle_soon("a", 100, 10, 200, 4, "settled", False) for _ in range(3)]
+    assert all(f is not None for f in futures)
+    first, *replays = [await f for f in futures if f is not None]
+    assert first.status == "ok" and first.charged == token_cost(PRICE, 100, 10)
+    assert [r.status for r in replays] == ["duplicate", "duplicate"]
+    assert all(r.charged == first.charged for r in replays)
+    assert Ledger(client).settle_soon("a", 1, 1, 200, 1, "settled", False) is None  # redis-py
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == 10**6 - first.charged
+    await fast.aclose()
+
+
 async def test_lua_formulas_agree_with_money(ledger: Ledger) -> None:
     prices = [
         Price(),
