@@ -146,7 +146,7 @@ class Ledger:
             now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash), req.unit,
         ]  # fmt: skip
         reply = await self._scripts.reserve(keys=keys, args=args)
-        res = Reservation(_str(reply[0]), *(int(v) for v in reply[1:12]))
+        res = Reservation(_str(reply[0]), *map(int, reply[1:12]))
         res.unit = req.unit
         res.tokens = req.prompt_tokens + res.granted if req.unit == "tokens" else 0
         return res
@@ -344,7 +344,7 @@ def _settle_call(
 
 
 def _settlement(reply: list[Any]) -> Settlement:
-    return Settlement(_str(reply[0]), *(int(v) for v in reply[1:8]), entry_type=_str(reply[8]))
+    return Settlement(_str(reply[0]), *map(int, reply[1:8]), entry_type=_str(reply[8]))
 
 
 def _now(value: int | None) -> int:

@@ -47,12 +47,14 @@ def header_map(headers: Iterable[HeaderValue]) -> dict[str, str]:
 def set_headers(
     pairs: Iterable[tuple[str, str | bytes]], remove: Iterable[str] = ()
 ) -> HeaderMutation:
+    # Plain dicts: upb builds the messages in C, about twice as fast as a HeaderValueOption and
+    # a HeaderValue object per pair (a metered response sets 8-14 headers).
     return HeaderMutation(
         set_headers=[
-            HeaderValueOption(
-                header=HeaderValue(key=k, raw_value=v if isinstance(v, bytes) else v.encode()),
-                append_action=_OVERWRITE,
-            )
+            {
+                "header": {"key": k, "raw_value": v if isinstance(v, bytes) else v.encode()},
+                "append_action": _OVERWRITE,
+            }
             for k, v in pairs
         ],
         remove_headers=list(remove),

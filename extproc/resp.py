@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -209,8 +209,8 @@ class FastScript:
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
-        return await self._client.evalsha(self._sha, self._source, keys, args)
+    def __call__(self, keys: list[Any], args: list[Any]) -> Coroutine[Any, Any, Any]:
+        return self._client.evalsha(self._sha, self._source, keys, args)  # no coroutine of its own
 
     def soon(
         self, keys: list[Any], args: list[Any], done: Callable[[Any, BaseException | None], None]
