@@ -37,7 +37,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     await client.ping()
     fast = None
     if cfg.store_url.startswith(("redis://", "unix://")):
-        fast = ScriptClient(cfg.store_url)
+        fast = ScriptClient(store.fast_url(cfg.store_url))
     ledger = Ledger(client, fast)
     metrics = Metrics(cfg.processor.metrics)
     meter = Meter(cfg, ledger, metrics)

@@ -28,12 +28,19 @@ from .tracing import Tracing
 log = structlog.get_logger("tollgate.settle")
 
 
-def _fields(struct: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in struct.fields.items():
-        kind = v.WhichOneof("kind")
-        out[k] = getattr(v, kind) if kind else None
-    return out
+def _string(fields: Any, key: str) -> str:
+    """A string value of a metadata Struct's fields ("" when absent or not a string)."""
+    return fields[key].string_value if key in fields else ""
+
+
+def _usage(fields: Any) -> dict[str, float] | None:
+    """prompt_tokens and completion_tokens of the tollgate.usage namespace (None: unknown)."""
+    if "prompt_tokens" not in fields or "completion_tokens" not in fields:
+        return None
+    return {
+        "prompt_tokens": fields["prompt_tokens"].number_value,
+        "completion_tokens": fields["completion_tokens"].number_value,
+    }
 
 
 class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
@@ -49,16 +56,17 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
 
         async for message in request_iterator:
             # A batch's settlements go out together (one write, pipelined), then are read back.
+            # Only the fields used are read: a record is settled in ~20 µs of Python.
             sent = []
             for entry in message.http_logs.log_entry:
                 fm = entry.common_properties.metadata.filter_metadata
                 if METADATA_NS not in fm:
                     continue
-                md = _fields(fm[METADATA_NS])
-                rid = md.get("request_id")
+                md = fm[METADATA_NS].fields
+                rid = _string(md, "request_id")
                 if not rid:
                     continue
-                usage = _fields(fm[USAGE_NS]) if USAGE_NS in fm else None
+                usage = _usage(fm[USAGE_NS].fields) if USAGE_NS in fm else None
                 status = entry.response.response_code.value
                 flags = entry.common_properties.response_flags
                 if flags.downstream_connection_termination:
@@ -74,10 +82,10 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 try:
                     settled = await settling
                 except Exception:  # the sweeper charges the reservation later
-                    log.exception("log_settle_failed", request_id=md.get("request_id"))
+                    log.exception("log_settle_failed", request_id=_string(md, "request_id"))
                     continue
-                model = str(md.get("model") or "-")
-                if self.tracing is not None and md.get("trace_id"):
+                model = _string(md, "model") or "-"
+                if self.tracing is not None and _string(md, "trace_id"):
                     self._trace(md, t0, usage, status, reason, settled.charged)
                 if TIMING_NS in fm and status == 200:
                     self._observe_timing(entry.common_properties, fm[TIMING_NS], usage, model)
@@ -94,7 +102,7 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
 
     def _trace(
         self,
-        md: dict[str, Any],
+        md: Any,
         t0: int,
         usage: dict[str, Any] | None,
         status: int,
@@ -104,8 +112,10 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
         """The stream's ``tollgate.settle`` span, a child of the processor's span for it."""
         assert self.tracing is not None
         try:
-            parent = (bytes.fromhex(md["trace_id"]), bytes.fromhex(md["span_id"]))
-        except (KeyError, TypeError, ValueError):
+            parent = (bytes.fromhex(_string(md, "trace_id")), bytes.fromhex(_string(md, "span_id")))
+        except ValueError:
+            return
+        if not parent[0] or not parent[1]:
             return
         usage = usage or {}
         self.tracing.record(
@@ -114,8 +124,8 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
             time_ns(),
             [],
             {
-                "tollgate.request_id": md.get("request_id"),
-                "gen_ai.request.model": md.get("model"),
+                "tollgate.request_id": _string(md, "request_id"),
+                "gen_ai.request.model": _string(md, "model") or None,
                 "gen_ai.usage.input_tokens": _int(usage.get("prompt_tokens")),
                 "gen_ai.usage.output_tokens": _int(usage.get("completion_tokens")),
                 "http.response.status_code": status or None,

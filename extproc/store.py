@@ -22,9 +22,12 @@ Money (extproc/ledger.py, scripts in extproc/store_scripts.py; amounts in intege
     tg:cc:{key_hash}            zset   in-flight request ids -> reservation expiry (ms) (keys
                                        with a concurrency limit only)
     tg:resv:{request_id}        string one pending reservation, a JSON array of strings
-                                       (store_scripts.RESV_FIELDS; earlier versions: a hash)
+                                       (store_scripts.RESV_FIELDS; earlier versions: a hash);
+                                       once settled, the settlement's figures (a shorter
+                                       array) that mark the id as used; expires in 30 d
     tg:resv-due                 zset   pending request ids -> expiry (ms), for the sweeper
-    tg:done:{request_id}        string the request is settled (JSON figures); expires in 30 d
+    tg:done:{request_id}        string written by versions before 2026-12-05 when a request
+                                       was settled (still read: the id stays used)
     tg:grant:{grant_id}         string the grant was applied (idempotency); expires in 30 d
     tg:ledger:{account}         zset   immutable ledger entries (JSON), scored by ts (ms); a
                                        request's entry is its usage record too (ledger.usage)
@@ -38,8 +41,21 @@ collide with a grant or block it.
 
 from __future__ import annotations
 
+import os
+
 import redis as syncredis
 import redis.asyncio as aioredis
+
+# Set by the supervisor for its workers: the embedded Valkey's unix socket, which the hot path's
+# pipelined client (resp.py) uses instead of loopback TCP. Everything else keeps the TCP URL.
+STORE_SOCKET_ENV = "TOLLGATE_STORE_SOCKET"
+
+
+def fast_url(url: str) -> str:
+    """The URL for the pipelined reserve/settle client: the embedded store's socket when the
+    supervisor gave one, else ``url``."""
+    socket_path = os.environ.get(STORE_SOCKET_ENV)
+    return f"unix://{socket_path}" if socket_path else url
 
 
 def key_record(key_hash: str) -> str:

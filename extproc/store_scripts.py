@@ -85,8 +85,10 @@ RESV_FIELDS = (
 _POSTING = (
     _PRELUDE
     + r"""
--- The reservation at `key` from its string `raw` (MGET's answer: nil for a missing key and for
--- a hash, the form an earlier version wrote, with the same names), or nil when there is none.
+-- The record at `key` from its string `raw` (MGET's answer: nil for a missing key and for a
+-- hash, the form an earlier version wrote, with the same names): the reservation, or nil when
+-- there is none; and second, a settled request's figures, which post() leaves at the
+-- reservation's key (a JSON array shorter than a reservation's).
 local function reservation(key, raw)
   if not raw then
     if redis.call('TYPE', key).ok ~= 'hash' then return nil end
@@ -96,6 +98,7 @@ local function reservation(key, raw)
     return r
   end
   local l = cjson.decode(raw)
+  if #l ~= RESV_LEN then return nil, l end
   return {"""
     + ", ".join(f"{name} = l[{i}]" for i, name in enumerate(RESV_FIELDS, 1))
     + r"""}
@@ -103,8 +106,10 @@ end
 
 -- Post a reservation: release it, charge `amount_due` capped at what is available (the rest is
 -- written off, so available never goes negative), write the ledger entry (which is also the
--- request's usage record) and the done marker, and forget the reservation. `tok_used` (or nil:
--- keep the reserved count) replaces the reserved tokens in the reservation's rate window.
+-- request's usage record), and replace the reservation with the settled figures, which mark
+-- the request id as used for DONE_TTL (one write; a separate done marker took two). `tok_used`
+-- (or nil: keep the reserved count) replaces the reserved tokens in the reservation's rate
+-- window.
 -- Returns charge, balance, pending, written_off, and that window's req and tok when it was read.
 local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, tok_used,
                     http_status, latency_ms, now)
@@ -130,7 +135,6 @@ local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, to
   end
   if r.k_cc ~= '' then redis.call('ZREM', r.k_cc, rid) end
   redis.call('ZREM', due_key, rid)
-  redis.call('DEL', resv_key)
   local erid = enc(rid)
   redis.call('ZADD', r.k_ledger, int(now), table.concat({
     '{"id":', erid, ',"ts":', int(now), ',"type":"', kind, '","amount":', int(-charge),
@@ -139,7 +143,7 @@ local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, to
     ',"unit":', enc(r.unit), ',"reserved":', int(reserved), ',"written_off":', int(written_off),
     ',"reason":', enc(reason), ',"backend":', enc(r.backend), ',"latency_ms":', num(latency_ms),
     ',"status":', num(http_status), '}'}))
-  redis.call('SET', r.k_done, enc({int(charge), int(written_off), kind, r.k_acct, r.k_rl_prefix,
+  redis.call('SET', resv_key, enc({int(charge), int(written_off), kind, r.k_acct, r.k_rl_prefix,
     r.rpm, r.tpm}), 'EX', DONE_TTL)
   return charge, balance, pending, written_off, req, tok
 end
@@ -262,9 +266,13 @@ local function reply(status, charged, written_off, kind, rl_prefix, rpm, tpm, ba
 end
 
 local got = redis.call('MGET', done_key, resv_key)
-local settled = got[1]
-if settled then
-  local d = cjson.decode(settled)
+local r, d
+if got[1] then  -- the done marker of an earlier version
+  d = cjson.decode(got[1])
+else
+  r, d = reservation(resv_key, got[2])
+end
+if d then
   if d[1] == nil then  -- written by an earlier version, as an object
     d = {d.charged, d.written_off, d.type, d.k_acct, d.k_rl_prefix, d.rpm, d.tpm}
   end
@@ -272,7 +280,6 @@ if settled then
   return reply('duplicate', tonumber(d[1]), tonumber(d[2]), d[3], d[5], tonumber(d[6]),
                tonumber(d[7]), balance, pending)
 end
-local r = reservation(resv_key, got[2])
 if not r then return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''} end
 if latency_ms < 0 then latency_ms = now - tonumber(r.created_ms) end
 local known = p >= 0 and c >= 0
@@ -390,7 +397,10 @@ return {'ok', rec, a[1] or '', a[2] or '', a[3] or ''}
 
 
 def _with_constants(source: str) -> str:
-    return f"local DONE_TTL = {DONE_TTL_S}\nlocal WINDOW_TTL = {WINDOW_TTL_S}\n" + source
+    return (
+        f"local DONE_TTL = {DONE_TTL_S}\nlocal WINDOW_TTL = {WINDOW_TTL_S}\n"
+        f"local RESV_LEN = {len(RESV_FIELDS)}\n{source}"
+    )
 
 
 @dataclass(frozen=True, slots=True)

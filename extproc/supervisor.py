@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .config import GatewayConfig, load_config
 from .envoy_config import render_yaml
+from .store import STORE_SOCKET_ENV
 
 # Every child is started through this: it sets PR_SET_PDEATHSIG (SIGTERM when the supervisor
 # dies, even by SIGKILL) and execs the real command, so the pid stays the child's. Not a
@@ -126,6 +128,15 @@ class Stack:
         self.data_dir = (base / self.cfg.store.data_dir).resolve()
         self.run_dir = self.data_dir.parent / "run"
 
+    @property
+    def store_socket(self) -> Path:
+        """The embedded Valkey's unix socket: in the run folder, or in /tmp where that path
+        would pass the 107 bytes a socket path may have."""
+        path = self.run_dir / "valkey.sock"
+        if len(str(path)) > 100:
+            path = Path(tempfile.gettempdir()) / f"tollgate-valkey-{self.cfg.store.port}.sock"
+        return path
+
     # ------------------------------------------------------------------ start
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         logs = self.run_dir / "logs"
@@ -214,6 +225,10 @@ class Stack:
                     "--save", "",
                     "--protected-mode", "yes",
                     "--daemonize", "no",
+                    # the workers' hot path (reserve, settle) talks to it over this socket:
+                    # ~15% less CPU per call than loopback TCP, for the store and the worker
+                    "--unixsocket", str(self.store_socket),
+                    "--unixsocketperm", "700",
                 ],
             )  # fmt: skip
             self._wait(
@@ -246,7 +261,9 @@ class Stack:
             port = cfg.processor.port + i
             argv = [sys.executable, "-m", "extproc", "worker"]
             argv += ["--config", str(self.config_path), "--index", str(i)]
-            worker = self._spawn(f"worker-{i}", argv)
+            sock = self.store_socket  # the embedded store's, whichever process started it
+            env = {STORE_SOCKET_ENV: str(sock)} if cfg.embedded_store and sock.exists() else None
+            worker = self._spawn(f"worker-{i}", argv, env)
             self._wait(worker, lambda p=port: port_open("127.0.0.1", p), "gRPC port", timeout)
         if self.start_envoy:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -262,6 +262,29 @@ async def test_settle_twice_and_unknown_and_duplicate_reserve(ledger: Ledger) ->
     assert total == balance
 
 
+async def test_a_settled_request_keeps_one_key_that_expires(
+    ledger: Ledger, client: redis.asyncio.Redis
+) -> None:
+    """Settling replaces the reservation with its figures (one write, no separate done
+    marker); that key keeps the id used for 30 days, for reserve, settle and sweep alike. An
+    earlier version's done marker still counts."""
+    await ledger.grant("acme", 10**6)
+    assert (await ledger.reserve(request("a", ttl_ms=1000), now_ms=T0)).ok
+    assert (await ledger.settle("a", 100, 40, 200, 9, now_ms=T0 + 1)).status == "ok"
+    assert await client.keys("tg:done:*") == []
+    assert 29 * 86400 < await client.ttl("tg:resv:a") <= 30 * 86400
+    assert await client.zcard("tg:resv-due") == 0
+    assert await ledger.sweep(now_ms=T0 + 5000) == 0  # nothing pending, nothing charged
+    assert (await ledger.reserve(request("a"), now_ms=T0 + 2)).status == "duplicate"
+    await client.set("tg:done:old", '[5,0,"debit","tg:acct:acme","tg:rl:k1:","0","0"]')
+    assert (await ledger.reserve(request("old"), now_ms=T0 + 3)).status == "duplicate"
+    replay = await ledger.settle("old", 1, 1, 200, 1, now_ms=T0 + 4)
+    assert (replay.status, replay.charged) == ("duplicate", 5)
+    assert len(await ledger.transactions("acme")) == 2  # the grant and one debit
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == 10**6 - token_cost(PRICE, 100, 40)
+
+
 async def test_sweep_charges_the_reserved_amount(ledger: Ledger) -> None:
     await ledger.grant("acme", 10**6)
     limits = Limits(concurrency=1)
