@@ -21,6 +21,7 @@ import yaml
 from .money import FREE_PRICE, Price, parse_credits
 
 BACKEND_KINDS = ("vllm", "tgi", "tei", "openai")
+STREAM_METERS = ("auto", "native", "lua")
 MODEL_KINDS = ("chat", "embedding", "rerank", "classify", "transcription", "speech", "image")
 # Media model kinds, the backend kinds that serve them (OpenAI's wire format) and the prices
 # that apply to them (see extproc/media.py for how each is metered).
@@ -195,6 +196,9 @@ class Metering:
     starting_credits: int = 0  # µcr `tollgate up` grants the 'default' account, once
     # a stream's credit figures also as HTTP/2 trailers (envoy_config._trailers_filter)
     stream_trailers: bool = True
+    # which filter meters streams under `tollgate up` (native_meter.py): "auto" (the native
+    # meter if it builds, else Lua), "native" (failing to build it is an error), "lua"
+    stream_meter: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -725,8 +729,14 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         default_limits=_limits(mr.get("default_limits"), "metering.default_limits"),
         starting_credits=_credits(mr.get("starting_credits", 0), "metering.starting_credits"),
         stream_trailers=trailers,
+        stream_meter=mr.str("stream_meter", "auto"),
     )
     mr.done()
+    if metering.stream_meter not in STREAM_METERS:
+        raise ConfigError(
+            "metering.stream_meter",
+            f"expected one of {', '.join(STREAM_METERS)}, got {metering.stream_meter!r}",
+        )
     tr = root.child("tracing")
     ratio = tr.get("sample_ratio", 1.0)
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:

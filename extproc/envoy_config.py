@@ -69,6 +69,7 @@ _LUA = Path(__file__).with_name("stream_meter.lua")
 TRAILERS_FILTER = "tollgate.stream_trailers"  # empty trailers on metered streams (Lua fills them)
 TRAILERS_HEADER = "x-tollgate-trailers"  # the processor's cue for TRAILERS_FILTER
 LUA_METER_HEADER = "x-tollgate-lua-meter"  # metered streams' routes mark their responses
+NATIVE_METER_FILTER = "tollgate.stream_meter"  # stream_meter.c, where it could be built
 _TRAILERS_WASM = Path(__file__).with_name("stream_trailers.wasm")  # built from the .wat beside it
 _T = "type.googleapis.com/"
 _HEADER_INPUT = _T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
@@ -202,8 +203,8 @@ def _ext_proc_filter(cfg: GatewayConfig) -> dict[str, Any]:
                 "receiving_namespaces": {"untyped": [METADATA_NS]},
             },
             # The client's address for the failed-lookup limit (auth.py): Envoy's own view,
-            # never a header the client wrote.
-            "request_attributes": ["source.address"],
+            # never a header the client wrote. The protocol: trailers only for HTTP/2 and up.
+            "request_attributes": ["source.address", "request.protocol"],
             "stat_prefix": "tollgate",
         },
     }
@@ -388,6 +389,23 @@ def _lua_filter() -> dict[str, Any]:
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.lua.v3.Lua",
             "default_source_code": {"inline_string": code},
+        },
+    }
+
+
+def _native_meter_filter(module: Path) -> dict[str, Any]:
+    """The native stream meter (``stream_meter.c``, built by native_meter.py), first in the
+    chain like the Lua meter, which it replaces on the streams of every backend but TGI's native
+    API (see _routes). It acts only on responses with the stream routes' mark."""
+    return {
+        "name": NATIVE_METER_FILTER,
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {
+                "name": "tollgate_meter",
+                "module": {"local": {"filename": str(module)}},
+            },
+            "filter_name": "stream_meter",
         },
     }
 
@@ -592,19 +610,23 @@ def stream_route_value(backend_name: str) -> str:
     return backend_name + STREAM_SUFFIX
 
 
-def _routes(cfg: GatewayConfig) -> list[dict[str, Any]]:
+def _routes(cfg: GatewayConfig, native_meter: bool = False) -> list[dict[str, Any]]:
     # The control API's transcoded calls first: a client's routing header cannot divert them.
     routes: list[dict[str, Any]] = _control_routes(cfg.metering.enabled)
     for b in cfg.backends:
-        # Two routes per backend: metered streams (the Lua stream meter runs) and the rest (Lua
+        # Two routes per backend: metered streams (a stream meter runs) and the rest (Lua
         # disabled per route: measured, it cost ~30% of the metered throughput on requests it
-        # had nothing to do for).
-        for value, lua_on in ((stream_route_value(b.name), True), (b.name, False)):
+        # had nothing to do for). With the native meter, Lua meters only the streams of TGI's
+        # native API (their translation lives in stream_meter.lua); the native meter skips
+        # those, as the Lua meter removes the mark before it runs.
+        lua_streams = not native_meter or (b.kind == "tgi" and b.mode == "native")
+        for value, lua_on in ((stream_route_value(b.name), lua_streams), (b.name, False)):
             route = _backend_route(b, value)
             per_filter: dict[str, Any] = {}
             if cfg.metering.enabled and not lua_on:
                 per_filter.update(_no_lua(True))
-            elif cfg.metering.enabled:  # the mark _metering_filters reads; Lua removes it
+            if cfg.metering.enabled and value != b.name:
+                # the mark _metering_filters reads; the stream meter removes it
                 route["response_headers_to_add"] = [
                     {
                         "header": {"key": LUA_METER_HEADER, "value": "1"},
@@ -782,9 +804,11 @@ def _access_log() -> list[dict[str, Any]]:
     ]
 
 
-def render(cfg: GatewayConfig) -> dict[str, Any]:
-    """The Envoy bootstrap for ``cfg`` as a plain dict."""
+def render(cfg: GatewayConfig, native_meter: Path | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap for ``cfg`` as a plain dict; ``native_meter``: the built native
+    stream meter (native_meter.py) to use in place of the Lua meter, where it can."""
     metered = cfg.metering.enabled
+    native = native_meter is not None and metered
     hcm: dict[str, Any] = {
         "@type": _T
         + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -816,10 +840,13 @@ def render(cfg: GatewayConfig) -> dict[str, Any]:
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "tollgate",
-            "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": _routes(cfg)}],
+            "virtual_hosts": [
+                {"name": "tollgate", "domains": ["*"], "routes": _routes(cfg, native)}
+            ],
         },
         "access_log": [_settle_log()] if metered else [],
         "http_filters": [
+            *([_native_meter_filter(native_meter)] if native_meter and native else []),
             *([_lua_filter()] if metered else []),
             _ext_proc_filter(cfg),
             _reroute_filter(),
@@ -951,9 +978,9 @@ _HTTP2 = {
 }
 
 
-def render_yaml(cfg: GatewayConfig) -> str:
+def render_yaml(cfg: GatewayConfig, native_meter: Path | None = None) -> str:
     header = (
         "# Rendered by `tollgate render-envoy` from "
         f"{cfg.source}. Do not edit: change the gateway config.\n"
     )
-    return header + yaml.safe_dump(render(cfg), sort_keys=False, width=100)
+    return header + yaml.safe_dump(render(cfg, native_meter), sort_keys=False, width=100)

@@ -105,6 +105,7 @@ class RequestState:
         "dialect",
         "envelope",
         "health",
+        "http1",
         "id_note",
         "model",
         "op",
@@ -137,6 +138,7 @@ class RequestState:
         self.translator: Translator | None = None
         self.backend_status = 0
         self.buffered = False  # response body BUFFERED (whole body in one message)
+        self.http1 = False  # the client speaks HTTP/1.x (trailers never reach it)
         self.control = False  # a control-API call (transcoded by Envoy, served by a worker)
         self.health = False  # GET /v1/models/{id}/health: Envoy's admin /clusters, mapped
         self.reservation: Reservation | None = None
@@ -328,6 +330,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             st.id_note = "too_long" if len(rid) > 128 else "invalid_characters"
             rid = str(uuid.uuid4())
         st.request_id = rid
+        st.http1 = client_protocol(req) in _HTTP1
         method = headers.get(":method", "")
         path = headers.get(":path", "").partition("?")[0]
         st.dialect = dialect_of(path)  # first: every refusal below comes in its shape
@@ -591,8 +594,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             and self.cfg.metering.stream_trailers
             and st.envelope is None
             and not translator.rewrites_stream
+            and not st.http1  # HTTP/1.1 carries no trailers: the filter would work for nothing
         ):
-            pairs.append((TRAILERS_HEADER, "1"))  # credits as HTTP/2 trailers (stream_meter.lua)
+            pairs.append((TRAILERS_HEADER, "1"))  # credits as HTTP/2 trailers (the stream meter)
         new_body = None
         remove: tuple[str, ...] = ()
         if changed and st.upload is not None:  # the head of the form, rewritten: Envoy ignores
@@ -783,6 +787,18 @@ def client_address(req: ProcessingRequest) -> str:
     if not sep or not port.isdigit():
         return value
     return host.strip("[]")
+
+
+_HTTP1 = frozenset(("HTTP/1.0", "HTTP/1.1"))
+
+
+def client_protocol(req: ProcessingRequest) -> str:
+    """The client's HTTP version as Envoy names it (``request.protocol``: "HTTP/1.1", "HTTP/2",
+    "HTTP/3"), or "" if Envoy did not say."""
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None or "request.protocol" not in attrs.fields:
+        return ""
+    return attrs.fields["request.protocol"].string_value
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import native_meter
 from .config import GatewayConfig, load_config
 from .envoy_config import render_yaml
 from .store import STORE_SOCKET_ENV
@@ -268,11 +269,24 @@ class Stack:
         if self.start_envoy:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             bootstrap = self.run_dir / "envoy.yaml"
-            bootstrap.write_text(render_yaml(cfg))
+            bootstrap.write_text(render_yaml(cfg, self._native_meter()))
             argv = [envoy_binary(), "-c", str(bootstrap), "--disable-hot-restart"]
             argv += ["--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level]
             envoy = self._spawn("envoy", argv)
             self._wait(envoy, self._envoy_ready, "admin /ready and listener", timeout)
+
+    def _native_meter(self) -> Path | None:
+        """The built native stream meter, or None for the Lua meter (metering.stream_meter)."""
+        choice = self.cfg.metering.stream_meter
+        if not self.cfg.metering.enabled or choice == "lua":
+            return None
+        try:
+            return native_meter.build()
+        except native_meter.BuildError as exc:
+            if choice == "native":
+                raise StartError(f"metering.stream_meter is native, but: {exc}") from exc
+            print(f"tollgate: streams metered by the Lua meter ({exc})", file=sys.stderr)
+            return None
 
     def _wait_store(self, timeout: float) -> None:
         from .store import connect_sync

@@ -1,0 +1,460 @@
+/*
+ * Tollgate: the metered-stream meter as an Envoy dynamic module (C, no dependencies).
+ *
+ * The same job as stream_meter.lua does for OpenAI-style streams (vLLM, TGI's messages API,
+ * OpenAI), at a fraction of its cost: measured, the Lua meter was ~10% of the gateway's
+ * throughput on short streams (README, "Speed"). TGI's native /generate_stream streams stay with
+ * the Lua meter (their translation lives there); envoy_config.py enables this filter only where
+ * the Lua meter is disabled, and Lua stays the fallback where no C compiler exists
+ * (native_meter.py builds this file).
+ *
+ * What it does, chunk for chunk, exactly as the Lua meter's OpenAI path (a parity test runs
+ * both on the same streams):
+ *   - complete SSE events only; a partial event waits for its blank line;
+ *   - the per-chunk "usage" objects (vLLM continuous_usage_stats) are read and cut out;
+ *   - the usage-only event ("choices":[]) is read and dropped unless the client asked for it
+ *     (metadata tollgate.keep_usage);
+ *   - before "data: [DONE]", the SSE comment with the stream's figures;
+ *   - the latest usage into dynamic metadata tollgate.usage (once per chunk that moved it),
+ *     which the gRPC access log hands to the settling worker;
+ *   - the first chunk's time into tollgate.timing first_chunk_us (TTFT);
+ *   - on the trailers the stream_trailers filter made: X-Credits-Used, X-Credits-Remaining.
+ * Active only on responses carrying the stream route's mark header (envoy_config.py), which it
+ * removes.
+ *
+ * The declarations below are this module's own view of Envoy's dynamic-module C ABI (only the
+ * calls it makes); their shapes follow Envoy's abi.h.
+ */
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+  const char *ptr;
+  size_t length;
+} tg_buf; /* envoy_dynamic_module_type_{envoy,module}_buffer */
+
+enum { HDR_RESPONSE = 2, HDR_RESPONSE_TRAILER = 3 };
+enum { BODY_RECEIVED_RESPONSE = 2 };
+enum { MD_DYNAMIC = 0 };
+
+extern bool envoy_dynamic_module_callback_http_get_header(void *f, int type, tg_buf key,
+                                                          tg_buf *out, size_t index,
+                                                          size_t *count);
+extern bool envoy_dynamic_module_callback_http_set_header(void *f, int type, tg_buf key,
+                                                          tg_buf value);
+extern bool envoy_dynamic_module_callback_http_add_header(void *f, int type, tg_buf key,
+                                                          tg_buf value);
+extern size_t envoy_dynamic_module_callback_http_get_body_chunks_size(void *f, int type);
+extern bool envoy_dynamic_module_callback_http_get_body_chunks(void *f, int type, tg_buf *out);
+extern bool envoy_dynamic_module_callback_http_drain_body(void *f, int type, size_t n);
+extern bool envoy_dynamic_module_callback_http_append_body(void *f, int type, tg_buf data);
+extern bool envoy_dynamic_module_callback_http_get_metadata_number(void *f, int src, tg_buf ns,
+                                                                   tg_buf key, double *out);
+extern bool envoy_dynamic_module_callback_http_get_metadata_string(void *f, int src, tg_buf ns,
+                                                                   tg_buf key, tg_buf *out);
+extern bool envoy_dynamic_module_callback_http_get_metadata_bool(void *f, int src, tg_buf ns,
+                                                                 tg_buf key, bool *out);
+extern void envoy_dynamic_module_callback_http_set_dynamic_metadata_number(void *f, tg_buf ns,
+                                                                           tg_buf key,
+                                                                           double value);
+extern void envoy_dynamic_module_callback_http_set_dynamic_metadata_string(void *f, tg_buf ns,
+                                                                           tg_buf key,
+                                                                           tg_buf value);
+
+#define LIT(s) ((tg_buf){(s), sizeof(s) - 1})
+
+/* ---- growable byte buffer ---- */
+
+typedef struct {
+  char *p;
+  size_t n, cap;
+} bytes;
+
+static bool reserve(bytes *b, size_t more) {
+  if (b->n + more <= b->cap) return true;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->n + more) cap *= 2;
+  char *p = realloc(b->p, cap);
+  if (p == NULL) return false;
+  b->p = p;
+  b->cap = cap;
+  return true;
+}
+
+static void put(bytes *b, const char *s, size_t n) {
+  if (n && reserve(b, n)) {
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+  }
+}
+
+/* ---- one metered stream ---- */
+
+typedef struct {
+  bool active, seen_body, keep_usage, have_usage;
+  long long price_in, price_out, price_req, available;
+  long long prompt, completion;
+  char *request_id;
+  size_t request_id_len;
+  bytes tail; /* a partial event, waiting for its blank line */
+} meter;
+
+static bool md_number(void *f, tg_buf key, long long *out) {
+  double v;
+  if (!envoy_dynamic_module_callback_http_get_metadata_number(f, MD_DYNAMIC, LIT("tollgate"), key,
+                                                              &v))
+    return false;
+  *out = (long long)v;
+  return true;
+}
+
+/* Micro-credits as the API writes credits: "1234.50" (at least two decimals, no trailing 0s). */
+static int credits(char *out, size_t cap, long long micro) {
+  const char *sign = "";
+  if (micro < 0) {
+    sign = "-";
+    micro = -micro;
+  }
+  char frac[8];
+  snprintf(frac, sizeof frac, "%06lld", micro % 1000000);
+  int len = 6;
+  while (len > 2 && frac[len - 1] == '0') len--;
+  frac[len] = '\0';
+  return snprintf(out, cap, "%s%lld.%s", sign, micro / 1000000, frac);
+}
+
+/* The stream's charge (as money.token_cost, capped at what was available). */
+static void charge(const meter *m, char *used, char *remaining, size_t cap) {
+  long long cost = (m->prompt * m->price_in + m->completion * m->price_out + 999999) / 1000000 +
+                   m->price_req;
+  long long u = cost < m->available ? cost : m->available;
+  credits(used, cap, u);
+  credits(remaining, cap, m->available - u);
+}
+
+static void figures(const meter *m, bytes *out) {
+  char line[512];
+  int n;
+  if (!m->have_usage) {
+    n = snprintf(line, sizeof line,
+                 ": tollgate {\"object\":\"tollgate.credits\",\"request_id\":\"%.*s\","
+                 "\"credits_used\":null,\"pending\":true}\n\n",
+                 (int)m->request_id_len, m->request_id ? m->request_id : "");
+  } else {
+    char used[40], remaining[40];
+    charge(m, used, remaining, sizeof used);
+    n = snprintf(line, sizeof line,
+                 ": tollgate {\"object\":\"tollgate.credits\",\"request_id\":\"%.*s\","
+                 "\"prompt_tokens\":%lld,\"completion_tokens\":%lld,\"credits_used\":\"%s\","
+                 "\"credits_remaining\":\"%s\"}\n\n",
+                 (int)m->request_id_len, m->request_id ? m->request_id : "", m->prompt,
+                 m->completion, used, remaining);
+  }
+  if (n > 0) put(out, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+}
+
+/* ---- SSE text, as the Lua patterns read it ---- */
+
+static bool is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+static const char *find(const char *s, size_t n, const char *needle, size_t k) {
+  if (k == 0 || n < k) return NULL;
+  const char *end = s + n - k;
+  for (const char *p = s; p <= end; p++) {
+    p = memchr(p, needle[0], (size_t)(end - p) + 1);
+    if (p == NULL) return NULL;
+    if (memcmp(p, needle, k) == 0) return p;
+  }
+  return NULL;
+}
+
+/* The first `"key":<spaces><digits>` in s[0..n) (Lua: '"key":%s*(%d+)'). */
+static bool number_after(const char *s, size_t n, const char *key, size_t k, long long *out) {
+  const char *end = s + n;
+  for (const char *p = find(s, n, key, k); p != NULL;
+       p = find(p + 1, (size_t)(end - p - 1), key, k)) {
+    const char *q = p + k;
+    while (q < end && is_space(*q)) q++;
+    if (q < end && *q >= '0' && *q <= '9') {
+      long long v = 0;
+      while (q < end && *q >= '0' && *q <= '9') v = v * 10 + (*q++ - '0');
+      *out = v;
+      return true;
+    }
+  }
+  return false;
+}
+
+static void counts(meter *m, const char *s, size_t n) {
+  long long p, c;
+  if (number_after(s, n, "\"prompt_tokens\":", 16, &p) &&
+      number_after(s, n, "\"completion_tokens\":", 20, &c)) {
+    m->prompt = p;
+    m->completion = c;
+    m->have_usage = true;
+  }
+}
+
+/* The first `,<spaces>"usage":<spaces>{...}` (balanced braces) in s: its start and end. */
+static bool usage_object(const char *s, size_t n, size_t *from, size_t *to, size_t *obj) {
+  for (size_t i = 0; i < n; i++) {
+    if (s[i] != ',') continue;
+    size_t j = i + 1;
+    while (j < n && is_space(s[j])) j++;
+    if (n - j < 8 || memcmp(s + j, "\"usage\":", 8) != 0) continue;
+    j += 8;
+    while (j < n && is_space(s[j])) j++;
+    if (j >= n || s[j] != '{') continue;
+    size_t depth = 0;
+    for (size_t e = j; e < n; e++) {
+      if (s[e] == '{') depth++;
+      if (s[e] == '}' && --depth == 0) {
+        *from = i;
+        *obj = j;
+        *to = e + 1;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
+  if (n == 12 && memcmp(ev, "data: [DONE]", 12) == 0) {
+    figures(m, out);
+    put(out, "data: [DONE]\n\n", 14);
+    return;
+  }
+  if (find(ev, n, "\"choices\":[]", 12) != NULL) { /* the usage-only event */
+    counts(m, ev, n);
+    if (m->keep_usage) {
+      put(out, ev, n);
+      put(out, "\n\n", 2);
+    }
+    return;
+  }
+  size_t from, to, obj;
+  if (usage_object(ev, n, &from, &to, &obj)) { /* vLLM's running usage: read, cut out */
+    counts(m, ev + obj, to - obj);
+    put(out, ev, from);
+    put(out, ev + to, n - to);
+  } else {
+    put(out, ev, n);
+  }
+  put(out, "\n\n", 2);
+}
+
+/* ---- Envoy's hooks ---- */
+
+const char *envoy_dynamic_module_on_program_init(void) { return "v0.1.0"; }
+
+static const char config_token = 1;
+
+const void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, tg_buf name,
+                                                           tg_buf config) {
+  (void)config_envoy;
+  (void)name;
+  (void)config;
+  return &config_token;
+}
+
+void envoy_dynamic_module_on_http_filter_config_destroy(const void *config) { (void)config; }
+
+const void *envoy_dynamic_module_on_http_filter_new(const void *config, void *f) {
+  (void)config;
+  (void)f;
+  return calloc(1, sizeof(meter));
+}
+
+void envoy_dynamic_module_on_http_filter_destroy(const void *module) {
+  meter *m = (meter *)module;
+  if (m == NULL) return;
+  free(m->request_id);
+  free(m->tail.p);
+  free(m);
+}
+
+int envoy_dynamic_module_on_http_filter_request_headers(void *f, const void *m, bool eos) {
+  (void)f, (void)m, (void)eos;
+  return 0;
+}
+
+int envoy_dynamic_module_on_http_filter_request_body(void *f, const void *m, bool eos) {
+  (void)f, (void)m, (void)eos;
+  return 0;
+}
+
+int envoy_dynamic_module_on_http_filter_request_trailers(void *f, const void *m) {
+  (void)f, (void)m;
+  return 0;
+}
+
+int envoy_dynamic_module_on_http_filter_response_headers(void *f, const void *module, bool eos) {
+  meter *m = (meter *)module;
+  tg_buf mark = {NULL, 0};
+  if (m == NULL || eos ||
+      !envoy_dynamic_module_callback_http_get_header(f, HDR_RESPONSE, LIT("x-tollgate-lua-meter"),
+                                                     &mark, 0, NULL) ||
+      mark.ptr == NULL)
+    return 0;
+  envoy_dynamic_module_callback_http_set_header(f, HDR_RESPONSE, LIT("x-tollgate-lua-meter"),
+                                                (tg_buf){NULL, 0});
+  bool stream = false;
+  if (!envoy_dynamic_module_callback_http_get_metadata_bool(f, MD_DYNAMIC, LIT("tollgate"),
+                                                            LIT("stream"), &stream) ||
+      !stream)
+    return 0;
+  tg_buf ct = {NULL, 0};
+  if (!envoy_dynamic_module_callback_http_get_header(f, HDR_RESPONSE, LIT("content-type"), &ct, 0,
+                                                     NULL) ||
+      ct.ptr == NULL || find(ct.ptr, ct.length, "text/event-stream", 17) == NULL)
+    return 0;
+  tg_buf rid = {NULL, 0};
+  if (envoy_dynamic_module_callback_http_get_metadata_string(f, MD_DYNAMIC, LIT("tollgate"),
+                                                             LIT("request_id"), &rid) &&
+      rid.ptr != NULL && rid.length > 0) {
+    m->request_id = malloc(rid.length);
+    if (m->request_id != NULL) {
+      memcpy(m->request_id, rid.ptr, rid.length);
+      m->request_id_len = rid.length;
+    }
+  }
+  bool keep = false;
+  envoy_dynamic_module_callback_http_get_metadata_bool(f, MD_DYNAMIC, LIT("tollgate"),
+                                                       LIT("keep_usage"), &keep);
+  m->keep_usage = keep;
+  md_number(f, LIT("price_in"), &m->price_in);
+  md_number(f, LIT("price_out"), &m->price_out);
+  md_number(f, LIT("price_req"), &m->price_req);
+  md_number(f, LIT("available"), &m->available);
+  m->active = true;
+  return 0;
+}
+
+int envoy_dynamic_module_on_http_filter_response_body(void *f, const void *module, bool eos) {
+  meter *m = (meter *)module;
+  (void)eos;
+  if (m == NULL || !m->active) return 0;
+  if (!m->seen_body) {
+    /* the backend's first body chunk comes with its first token: time to first token */
+    m->seen_body = true;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    char us[32];
+    int n = snprintf(us, sizeof us, "%lld",
+                     (long long)ts.tv_sec * 1000000LL + (long long)(ts.tv_nsec / 1000));
+    envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+        f, LIT("tollgate.timing"), LIT("first_chunk_us"), (tg_buf){us, (size_t)n});
+  }
+  size_t count = envoy_dynamic_module_callback_http_get_body_chunks_size(f, BODY_RECEIVED_RESPONSE);
+  tg_buf stack[16];
+  tg_buf *chunks = count <= 16 ? stack : malloc(count * sizeof(tg_buf));
+  if (chunks == NULL) return 0;
+  size_t size = 0;
+  if (count > 0 &&
+      envoy_dynamic_module_callback_http_get_body_chunks(f, BODY_RECEIVED_RESPONSE, chunks)) {
+    for (size_t i = 0; i < count; i++) {
+      put(&m->tail, chunks[i].ptr, chunks[i].length);
+      size += chunks[i].length;
+    }
+  }
+  if (chunks != stack) free(chunks);
+  long long seen = m->have_usage ? m->completion : -1;
+  bytes out = {0};
+  const char *data = m->tail.p;
+  size_t pos = 0, n = m->tail.n;
+  for (;;) {
+    const char *sep = find(data + pos, n - pos, "\n\n", 2);
+    if (sep == NULL) break;
+    size_t end = (size_t)(sep - data);
+    rewrite_event(m, data + pos, end - pos, &out);
+    pos = end + 2;
+  }
+  memmove(m->tail.p, data + pos, n - pos);
+  m->tail.n = n - pos;
+  if (size > 0) envoy_dynamic_module_callback_http_drain_body(f, BODY_RECEIVED_RESPONSE, size);
+  if (out.n > 0)
+    envoy_dynamic_module_callback_http_append_body(f, BODY_RECEIVED_RESPONSE,
+                                                   (tg_buf){out.p, out.n});
+  free(out.p);
+  if (m->have_usage && m->completion != seen) {
+    /* what the access log hands the settling worker, also when the client cuts the stream */
+    envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+        f, LIT("tollgate.usage"), LIT("prompt_tokens"), (double)m->prompt);
+    envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+        f, LIT("tollgate.usage"), LIT("completion_tokens"), (double)m->completion);
+  }
+  return 0;
+}
+
+int envoy_dynamic_module_on_http_filter_response_trailers(void *f, const void *module) {
+  meter *m = (meter *)module;
+  if (m == NULL || !m->active || !m->have_usage) return 0;
+  /* the trailer map the stream_trailers filter made; over HTTP/1.1 Envoy drops it */
+  char used[40], remaining[40];
+  charge(m, used, remaining, sizeof used);
+  envoy_dynamic_module_callback_http_add_header(f, HDR_RESPONSE_TRAILER, LIT("x-credits-used"),
+                                                (tg_buf){used, strlen(used)});
+  envoy_dynamic_module_callback_http_add_header(f, HDR_RESPONSE_TRAILER,
+                                                LIT("x-credits-remaining"),
+                                                (tg_buf){remaining, strlen(remaining)});
+  return 0;
+}
+
+/* Hooks Envoy requires of every HTTP filter module; this one has nothing to do in them. */
+
+void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *m) {
+  (void)f, (void)m;
+}
+
+void envoy_dynamic_module_on_http_filter_http_callout_done(void *f, const void *m, uint64_t id,
+                                                           int result, void *headers, size_t nh,
+                                                           void *chunks, size_t nc) {
+  (void)f, (void)m, (void)id, (void)result, (void)headers, (void)nh, (void)chunks, (void)nc;
+}
+
+void envoy_dynamic_module_on_http_filter_http_stream_headers(void *f, const void *m, uint64_t id,
+                                                             void *headers, size_t n, bool eos) {
+  (void)f, (void)m, (void)id, (void)headers, (void)n, (void)eos;
+}
+
+void envoy_dynamic_module_on_http_filter_http_stream_data(void *f, const void *m, uint64_t id,
+                                                          const void *data, size_t n, bool eos) {
+  (void)f, (void)m, (void)id, (void)data, (void)n, (void)eos;
+}
+
+void envoy_dynamic_module_on_http_filter_http_stream_trailers(void *f, const void *m, uint64_t id,
+                                                              void *trailers, size_t n) {
+  (void)f, (void)m, (void)id, (void)trailers, (void)n;
+}
+
+void envoy_dynamic_module_on_http_filter_http_stream_complete(void *f, const void *m,
+                                                              uint64_t id) {
+  (void)f, (void)m, (void)id;
+}
+
+void envoy_dynamic_module_on_http_filter_http_stream_reset(void *f, const void *m, uint64_t id,
+                                                           int reason) {
+  (void)f, (void)m, (void)id, (void)reason;
+}
+
+void envoy_dynamic_module_on_http_filter_scheduled(void *f, const void *m, uint64_t id) {
+  (void)f, (void)m, (void)id;
+}
+
+void envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    void *f, const void *m) {
+  (void)f, (void)m;
+}
+
+void envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    void *f, const void *m) {
+  (void)f, (void)m;
+}

@@ -1,0 +1,256 @@
+"""The two stream meters (native stream_meter.c, Lua stream_meter.lua) give clients the same bytes.
+
+One backend here is not a simulator but a script of SSE bytes cut at awkward places (mid-event,
+mid-"[DONE]", blank line split from its event), with usage written with and without spaces and
+as null: the same script goes through a gateway metered by the native meter and one metered by
+the Lua meter, and what the clients get, what the ledger charges and the HTTP/2 trailers must
+be identical.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from extproc import native_meter
+from extproc.config import load_config
+from extproc.envoy_config import LUA_METER_HEADER, NATIVE_METER_FILTER, render
+from extproc.supervisor import Stack, StartError
+from tests import h2client
+from tests.harness import PRICE, Gateway, base_config, grant, start_gateway
+
+HEAD = '{"id":"chatcmpl-s","object":"chat.completion.chunk","created":1,"model":"scripted",'
+# The backend's answer, as the chunks it writes (each flushed, 20 ms apart).
+SCRIPT = [
+    "data: " + HEAD + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+    '"finish_reason":null}], "usage": {"prompt_tokens": 9, "total_tokens": 9, '
+    '"completion_tokens": 0}}\n\ndata: ' + HEAD + '"choices":[{"index":0,"delta":{"content":"Tol',
+    'l"},"finish_reason":null}],"usage":{"prompt_tokens":9,"total_tokens":10,'
+    '"completion_tokens":1}}\n',
+    "\n: a keep-alive comment\n\ndata: " + HEAD + '"choices":[{"index":0,"delta":{"content":'
+    '" {gate}"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"total_tokens":11,'
+    '"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":0}}}\n\n',
+    "data: " + HEAD + '"choices":[{"index":0,"delta":{},"finish_reason":null}],"usage":null}\n\n',
+    "data: " + HEAD + '"choices":[],"usage":{"prompt_tokens":9,"total_tokens":11,'
+    '"completion_tokens":2}}\n\ndata: [DO',
+    "NE]\n\n",
+]
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # health checks
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for part in SCRIPT:
+            data = part.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            time.sleep(0.02)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+@pytest.fixture(scope="module")
+def scripted_port() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def _config(port: int, meter: str) -> dict:
+    cfg = base_config()
+    cfg["backends"].append(
+        {
+            "name": "scripted",
+            "kind": "vllm",
+            "endpoints": [f"127.0.0.1:{port}"],
+            "request_timeout": "20s",
+        }
+    )
+    cfg["models"].append({"id": "scripted", "backend": "scripted", "pricing": PRICE})
+    cfg["metering"]["stream_meter"] = meter
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def gateways(
+    tmp_path_factory: pytest.TempPathFactory, scripted_port: int
+) -> Iterator[dict[str, Gateway]]:
+    started: dict[str, Gateway] = {}
+    try:
+        for meter in ("native", "lua"):
+            tmp = tmp_path_factory.mktemp("meter-" + meter)
+            started[meter] = start_gateway(tmp, _config(scripted_port, meter))
+        yield started
+    finally:
+        for gw in started.values():
+            gw.stack.stop()
+
+
+def _meters(gw: Gateway) -> str:
+    return (gw.stack.run_dir / "envoy.yaml").read_text()
+
+
+def _account(gw: Gateway, account: str) -> str:
+    key = gw.new_key("meters", account)
+    grant(str(gw.stack.config_path), account, "3")
+    return key
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_both_meters_give_the_same_stream(
+    gateways: dict[str, Gateway], include_usage: bool
+) -> None:
+    assert NATIVE_METER_FILTER in _meters(gateways["native"])
+    assert NATIVE_METER_FILTER not in _meters(gateways["lua"])
+    account, rid = "acct-" + uuid.uuid4().hex[:8], "meters-" + uuid.uuid4().hex
+    body: dict = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+    body |= {"stream": True, "max_tokens": 20}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    got = {}
+    for meter, gw in gateways.items():
+        key = _account(gw, account)
+        headers = {"Authorization": f"Bearer {key}", "X-Request-ID": rid}
+        with httpx.stream(
+            "POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=20
+        ) as r:
+            assert r.status_code == 200
+            assert LUA_METER_HEADER not in r.headers
+            got[meter] = r.read().decode()
+        got[meter + " ledger"] = _debit(gw, key, rid)
+    assert got["native"] == got["lua"]
+    assert got["native ledger"] == got["lua ledger"]
+    events = got["native"].split("\n\n")
+    assert ": a keep-alive comment" in events and '" {gate}"' in got["native"]
+    assert ('"usage":{' in got["native"]) is include_usage  # only the usage-only chunk
+    assert '"usage":null' in got["native"]  # not an object: left as the backend wrote it
+    figures = json.loads(next(e for e in events if e.startswith(": tollgate "))[11:])
+    assert figures["request_id"] == rid
+    assert (figures["prompt_tokens"], figures["completion_tokens"]) == (9, 2)
+    assert events[-2:] == ["data: [DONE]", ""]
+    ledger = got["native ledger"]
+    assert (ledger["tokens_in"], ledger["tokens_out"]) == (9, 2)
+    assert ledger["amount"] == "-" + figures["credits_used"]
+
+
+def test_both_meters_give_the_same_trailers(gateways: dict[str, Gateway]) -> None:
+    account = "acct-" + uuid.uuid4().hex[:8]
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    got = {}
+    for meter, gw in gateways.items():
+        key = _account(gw, account)
+        r = h2client.post(gw.v1 + "/chat/completions", body, {"Authorization": f"Bearer {key}"})
+        assert r.status == 200
+        figures = json.loads(next(x for x in r.lines() if x.startswith(": tollgate "))[11:])
+        assert r.trailers == {
+            "x-credits-used": figures["credits_used"],
+            "x-credits-remaining": figures["credits_remaining"],
+        }
+        got[meter] = r.trailers
+    assert got["native"] == got["lua"]
+
+
+def _debit(gw: Gateway, key: str, rid: str, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"})
+        for entry in r.json()["data"]:
+            if entry.get("request_id") == rid and entry["type"] == "debit":
+                return {k: entry[k] for k in ("amount", "tokens_in", "tokens_out", "reason")}
+        time.sleep(0.05)
+    raise AssertionError(f"no debit for {rid}")
+
+
+def test_the_native_meter_runs_where_lua_cannot_be_replaced(tmp_path: Path) -> None:
+    """Lua keeps TGI's native streams (translated in Lua); every other stream route: native."""
+    cfg = base_config()
+    cfg["backends"].append(
+        {
+            "name": "tgi-native",
+            "kind": "tgi",
+            "endpoints": ["127.0.0.1:1"],
+            "mode": "native",
+            "request_timeout": "20s",
+        }
+    )
+    path = tmp_path / "tollgate.yaml"
+    path.write_text(json.dumps(cfg))
+    gateway = load_config(path)
+    hcm = render(gateway, tmp_path / "libmeter.so")["static_resources"]["listeners"][0]
+    hcm = hcm["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names[:2] == [NATIVE_METER_FILTER, "envoy.filters.http.lua"]
+    module = hcm["http_filters"][0]["typed_config"]["dynamic_module_config"]
+    assert module["module"]["local"]["filename"] == str(tmp_path / "libmeter.so")
+    routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+
+    def lua_disabled(route: str) -> bool:
+        per = routes[route].get("typed_per_filter_config", {})
+        return per.get("envoy.filters.http.lua", {}).get("disabled", False)
+
+    assert not lua_disabled("to_tgi-native/stream") and lua_disabled("to_vllm-chat/stream")
+    assert lua_disabled("to_tgi-native") and lua_disabled("to_vllm-chat")
+    for name in ("to_tgi-native/stream", "to_vllm-chat/stream"):  # the mark both meters read
+        [mark] = routes[name]["response_headers_to_add"]
+        assert mark["header"]["key"] == LUA_METER_HEADER
+    # Without a built module (render-envoy, or no compiler): the Lua meter everywhere.
+    plain = render(gateway)["static_resources"]["listeners"][0]["filter_chains"][0]
+    filters = plain["filters"][0]["typed_config"]["http_filters"]
+    assert NATIVE_METER_FILTER not in [f["name"] for f in filters]
+
+
+def test_no_compiler_means_the_lua_meter_or_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(native_meter.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(native_meter.BuildError, match="failed"):
+        native_meter.build()
+    monkeypatch.setattr(native_meter, "compiler", lambda: None)
+    with pytest.raises(native_meter.BuildError, match="no C compiler"):
+        native_meter.build()
+    cfg = base_config()
+    for choice, expect in (("auto", None), ("lua", None), ("native", StartError)):
+        cfg["metering"]["stream_meter"] = choice
+        path = tmp_path / f"{choice}.yaml"
+        path.write_text(json.dumps(cfg))
+        stack = Stack(path)
+        if expect is None:
+            assert stack._native_meter() is None
+        else:
+            with pytest.raises(StartError, match="stream_meter is native"):
+                stack._native_meter()
+    assert not list((tmp_path / "cache").glob("*.so*"))  # nothing half-built left behind
+
+
+def test_the_build_is_cached_by_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native_meter.CACHE_ENV, str(tmp_path))
+    first = native_meter.build()
+    assert first.is_file() and first.parent == tmp_path
+    stamp = first.stat().st_mtime_ns
+    assert native_meter.build() == first and first.stat().st_mtime_ns == stamp
