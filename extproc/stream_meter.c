@@ -15,7 +15,7 @@
  *   - the usage-only event ("choices":[]) is read and dropped unless the client asked for it
  *     (metadata tollgate.keep_usage);
  *   - before "data: [DONE]", the SSE comment with the stream's figures;
- *   - the latest usage into dynamic metadata tollgate.usage (once per chunk that moved it),
+ *   - the latest usage into dynamic metadata tollgate.usage (once, when the stream is over),
  *     which the gRPC access log hands to the settling worker;
  *   - the first chunk's time into tollgate.timing first_chunk_us (TTFT);
  *   - on the trailers the stream_trailers filter made: X-Credits-Used, X-Credits-Remaining.
@@ -366,7 +366,6 @@ int envoy_dynamic_module_on_http_filter_response_body(void *f, const void *modul
     }
   }
   if (chunks != stack) free(chunks);
-  long long seen = m->have_usage ? m->completion : -1;
   bytes out = {0};
   const char *data = m->tail.p;
   size_t pos = 0, n = m->tail.n;
@@ -384,13 +383,6 @@ int envoy_dynamic_module_on_http_filter_response_body(void *f, const void *modul
     envoy_dynamic_module_callback_http_append_body(f, BODY_RECEIVED_RESPONSE,
                                                    (tg_buf){out.p, out.n});
   free(out.p);
-  if (m->have_usage && m->completion != seen) {
-    /* what the access log hands the settling worker, also when the client cuts the stream */
-    envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
-        f, LIT("tollgate.usage"), LIT("prompt_tokens"), (double)m->prompt);
-    envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
-        f, LIT("tollgate.usage"), LIT("completion_tokens"), (double)m->completion);
-  }
   return 0;
 }
 
@@ -410,8 +402,16 @@ int envoy_dynamic_module_on_http_filter_response_trailers(void *f, const void *m
 
 /* Hooks Envoy requires of every HTTP filter module; this one has nothing to do in them. */
 
-void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *m) {
-  (void)f, (void)m;
+/* The stream is over (it ended, or the client or the backend cut it): its latest usage, for
+ * the access log that hands it to the settling worker. Envoy runs this before its access logs;
+ * written once here rather than on every chunk that moved it (the Lua meter's way). */
+void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *module) {
+  const meter *m = (const meter *)module;
+  if (m == NULL || !m->active || !m->have_usage) return;
+  envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+      f, LIT("tollgate.usage"), LIT("prompt_tokens"), (double)m->prompt);
+  envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+      f, LIT("tollgate.usage"), LIT("completion_tokens"), (double)m->completion);
 }
 
 void envoy_dynamic_module_on_http_filter_http_callout_done(void *f, const void *m, uint64_t id,
