@@ -207,6 +207,7 @@ class Result:
     envoy_us_per_req: float | None = None
     ext_proc_msgs_per_req: float | None = None  # from the gateway Envoy's ext_proc stats
     store_us_per_req: float | None = None  # the embedded Valkey's CPU (it shares the cores)
+    backend_us_per_req: float | None = None  # the simulator's CPU (it shares the cores too)
 
 
 def k6_binary() -> str:
@@ -362,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     envoy_pid = [st.child("envoy").pid] if st else []
                     store_pid = [c.pid for c in st.children if c.name == "valkey"] if st else []
+                    sim_name = f"sim-{_backend_of(st, model)}" if st else ""
+                    sim_pid = [c.pid for c in st.children if c.name == sim_name] if st else []
                     # warm-up: connections, caches
                     run_k6(script, url, key, min(vus, 8), 1.0, tmp / "warm.json", model, stop)
-                    pids = (workers, envoy_pid, store_pid)
+                    pids = (workers, envoy_pid, store_pid, sim_pid)
                     cpu0 = [cpu_seconds(p) for p in pids]
                     msgs0 = ext_proc_messages(st) if st else 0
                     summary = run_k6(
@@ -376,7 +379,12 @@ def main(argv: list[str] | None = None) -> int:
                         per_req = [
                             (b - a) / r.requests * 1e6 for a, b in zip(cpu0, cpu1, strict=True)
                         ]
-                        r.processor_us_per_req, r.envoy_us_per_req, r.store_us_per_req = per_req
+                        (
+                            r.processor_us_per_req,
+                            r.envoy_us_per_req,
+                            r.store_us_per_req,
+                            r.backend_us_per_req,
+                        ) = per_req
                         r.ext_proc_msgs_per_req = (ext_proc_messages(st) - msgs0) / r.requests
                     results.append(r)
                     print(_row(r), flush=True)
@@ -451,11 +459,17 @@ class SpanSink:
             self._server.stop(0)
 
 
+def _backend_of(stack: Stack, model: str) -> str:
+    """The name of the backend that serves ``model`` in the stack's config."""
+    return next((m.backend for m in stack.cfg.models if m.id == model), "")
+
+
 def _row(r: Result) -> str:
     cpu = (
         f" | processor {r.processor_us_per_req:6.0f} µs/req"
         f" | envoy {r.envoy_us_per_req:5.0f} µs/req"
         f" | store {r.store_us_per_req or 0:4.0f} µs/req"
+        f" | backend {r.backend_us_per_req or 0:4.0f} µs/req"
         f" | {r.ext_proc_msgs_per_req or 0:4.1f} ext_proc msgs/req"
         if r.processor_us_per_req is not None
         else ""
