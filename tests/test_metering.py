@@ -465,3 +465,17 @@ def test_account_limits_apply_to_keys_without_their_own(gateway: Gateway) -> Non
         gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {own}"}, json=body
     ).headers
     assert h["x-ratelimit-limit-requests"] == "50"
+
+
+def test_the_embedded_store_runs_on_mimalloc(gateway: Gateway) -> None:
+    """store.allocator auto (the default): the embedded Valkey has mimalloc preloaded, where the
+    cmeel-mimalloc wheel is installed (a dependency on Linux); "system" leaves it out."""
+    from extproc.supervisor import mimalloc_library, store_allocator_env
+
+    lib = mimalloc_library()
+    if lib is None:
+        pytest.skip("no cmeel-mimalloc here (not Linux)")
+    valkey = next(c for c in gateway.stack.children if c.name == "valkey")
+    maps = Path(f"/proc/{valkey.pid}/maps").read_text()
+    assert "libmimalloc" in maps
+    assert store_allocator_env("system") is None
