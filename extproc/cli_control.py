@@ -297,7 +297,9 @@ def credits_show(args: argparse.Namespace) -> int:
             lines.append("\nrecent ledger entries (newest first):")
             for e in recent:
                 what = e.get("request_id") or e.get("note") or ""
-                lines.append(f"  {e['time']}  {e['type']:8} {e['amount']:>14}  {what}")
+                if e["type"] == "checkpoint":  # retention folded these (README, "Retention")
+                    what = f"{e['entries']} earlier entries"
+                lines.append(f"  {e['time']}  {e['type']:10} {e['amount']:>14}  {what}")
         return "\n".join(lines)
 
     return _out(args, {**credits, "recent": recent}, human)

@@ -38,7 +38,7 @@ MEDIA_PRICES: dict[str, tuple[str, ...]] = {
 TGI_MODES = ("native", "messages")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {
     None: 1,
@@ -192,6 +192,9 @@ class Metering:
     enabled: bool = True
     reservation_timeout_s: float = 600.0
     sweep_interval_s: float = 5.0
+    # Ledger entries older than this are folded into one checkpoint entry (their sum), so the
+    # store does not grow without bound (~0.4 KB a request); None keeps every entry.
+    ledger_retention_s: float | None = 30 * 86400.0
     default_limits: Limits = field(default_factory=Limits)
     starting_credits: int = 0  # µcr `tollgate up` grants the 'default' account, once
     # a stream's credit figures also as HTTP/2 trailers (envoy_config._trailers_filter)
@@ -407,15 +410,24 @@ def _kind(value: Any) -> str:
     )
 
 
+def _retention(mr: _Reader) -> float | None:
+    """metering.ledger_retention: a duration ("30d"), or 0 / "forever" to keep every entry."""
+    if mr.get("ledger_retention", "30d") in (0, "0", "forever"):
+        return None
+    return mr.duration("ledger_retention", 30 * 86400.0)
+
+
 def parse_duration(value: Any) -> float | None:
-    """Seconds from ``2``, ``2.5``, ``"500ms"``, ``"2s"``, ``"5m"``; None if not a duration."""
+    """Seconds from ``2``, ``2.5``, ``"500ms"``, ``"2s"``, ``"5m"``, ``"30d"``; None if not a
+    duration."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str) and (m := _DURATION_RE.match(value)):
         n = float(m.group(1))
-        return n * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+        return n * units[m.group(2)]
     return None
 
 
@@ -729,6 +741,7 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         enabled=enabled,
         reservation_timeout_s=mr.duration("reservation_timeout", 600.0),
         sweep_interval_s=mr.duration("sweep_interval", 5.0),
+        ledger_retention_s=_retention(mr),
         default_limits=_limits(mr.get("default_limits"), "metering.default_limits"),
         starting_credits=_credits(mr.get("starting_credits", 0), "metering.starting_credits"),
         stream_trailers=trailers,

@@ -5,7 +5,9 @@ creates a pending reservation keyed by the request id with a timeout, after chec
 request/token rate windows and its concurrency; ``settle`` posts the real amount or voids it,
 exactly once; ``sweep`` resolves reservations whose timeout passed by charging the reserved
 amount. available = balance - pending. Ledger entries are immutable JSON records, so
-``reconcile`` can check that the entries add up to the balance.
+``reconcile`` can check that the entries add up to the balance. Retention (``fold``) replaces
+entries older than ``metering.ledger_retention`` by one ``checkpoint`` entry holding their sum,
+so that check still holds.
 
 Every operation is one Lua script (extproc/store_scripts.py): one round trip, atomic.
 
@@ -209,6 +211,29 @@ class Ledger:
         keys = [store.reservations_due()]
         args = [_now(now_ms), limit, store.reservation_prefix()]
         return int(await self._scripts.sweep(keys=keys, args=args))
+
+    async def fold(self, account: str, cutoff_ms: int, limit: int = 500) -> int:
+        """Retention: fold the account's ledger entries older than ``cutoff_ms`` into one
+        ``checkpoint`` entry (their sum), ``limit`` at a time; how many entries were folded."""
+        folded = 0
+        while True:
+            read, fresh = await self._scripts.fold(
+                keys=[store.ledger(account)], args=[cutoff_ms, limit]
+            )
+            folded += int(fresh)
+            if int(read) < limit:
+                return folded
+
+    async def claim_fold(self, every_s: float) -> bool:
+        """True for one caller (of every worker) per ``every_s``: that one folds."""
+        return bool(await self._client.set(store.fold_lock(), "1", nx=True, px=int(every_s * 1000)))
+
+    async def fold_all(self, cutoff_ms: int) -> int:
+        """``fold`` every account's ledger (the accounts set lists every account with entries)."""
+        folded = 0
+        async for raw in self._client.sscan_iter(store.accounts(), count=500):
+            folded += await self.fold(_str(raw), cutoff_ms)
+        return folded
 
     async def grant(
         self, account: str, amount: int, note: str = "", grant_id: str | None = None

@@ -59,7 +59,11 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     server.add_insecure_port(f"{cfg.processor.bind_host}:{port}")
     await server.start()
     tracing.start()
-    sweeper = asyncio.create_task(sweep_forever(ledger, cfg.metering.sweep_interval_s, metrics))
+    sweeper = asyncio.create_task(
+        sweep_forever(
+            ledger, cfg.metering.sweep_interval_s, metrics, cfg.metering.ledger_retention_s
+        )
+    )
     invalidations = asyncio.create_task(auth.listen(cfg.store_url))
     scrape = (
         await serve_metrics(metrics, cfg.processor.bind_host, cfg.processor.metrics_port + index)

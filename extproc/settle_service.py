@@ -6,14 +6,15 @@
   that ran to the end and one the client cut off are both charged for what was generated.
   Settling is idempotent by request id.
 * ``sweep_forever`` — reservations nobody settled (a worker or the store died in between) are
-  charged at the reserved amount once they time out, with a ledger entry saying so.
+  charged at the reserved amount once they time out, with a ledger entry saying so; and ledger
+  entries older than the retention are folded into a checkpoint entry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from time import time_ns
+from time import time, time_ns
 from typing import Any
 
 import structlog
@@ -159,7 +160,13 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) else None
 
 
-async def sweep_forever(ledger: Ledger, interval_s: float, metrics: Metrics) -> None:
+async def sweep_forever(
+    ledger: Ledger, interval_s: float, metrics: Metrics, retention_s: float | None = None
+) -> None:
+    """Every ``interval_s``: charge expired reservations. And, with a retention, fold ledger
+    entries older than it into checkpoints (``Ledger.fold_all``) every tenth of the retention
+    (at most hourly), by one worker at a time (a lock in the store)."""
+    next_fold = 0.0
     while True:
         await asyncio.sleep(interval_s)
         with contextlib.suppress(Exception):
@@ -167,3 +174,14 @@ async def sweep_forever(ledger: Ledger, interval_s: float, metrics: Metrics) -> 
             if n:
                 metrics.expired.inc(amount=n)
                 log.warning("reservations_expired", count=n)
+        if not retention_s or time() < next_fold:
+            continue
+        fold_every = min(retention_s / 10, 3600.0)
+        next_fold = time() + fold_every
+        try:
+            if await ledger.claim_fold(fold_every):
+                folded = await ledger.fold_all(int((time() - retention_s) * 1000))
+                if folded:
+                    log.info("ledger_folded", entries=folded)
+        except Exception as exc:  # the next interval tries again
+            log.warning("ledger_fold_failed", error=str(exc))

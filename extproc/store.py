@@ -125,6 +125,10 @@ def grant_done(grant_id: str) -> str:
     return f"tg:grant:{grant_id}"
 
 
+def fold_lock() -> str:
+    return "tg:fold:lock"  # held by the worker folding ledgers (retention), for an interval
+
+
 def ledger(account: str) -> str:
     return f"tg:ledger:{account}"
 

@@ -369,6 +369,41 @@ return {'ok', balance}
 )
 
 
+# 4b. fold: the ledger's retention. Entries older than the cutoff become one ``checkpoint``
+# entry whose amount is their sum, so the ledger still adds up to the balance (reconcile) and
+# its oldest entry says what was folded. A checkpoint older than the cutoff is folded into the
+# next one with the rest. Oldest first, at most ``limit`` entries per call (each is decoded).
+# KEYS: ledger.  ARGV: cutoff_ms, limit.  Returns {members read (up to limit), entries newly
+# folded (not counting an earlier checkpoint)}: {0, 0} when only a checkpoint is that old.
+FOLD = (
+    _PRELUDE
+    + r"""
+local ledger_key, cutoff, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local old = redis.call('ZRANGEBYSCORE', ledger_key, '-inf', '(' .. int(cutoff), 'LIMIT', 0,
+                       int(limit))
+if #old == 0 then return {0, 0} end
+local total, n, fresh, first_ts, last_ts, balance = 0, 0, 0, math.huge, 0, 0
+for _, member in ipairs(old) do
+  local e = cjson.decode(member)
+  if e.type == 'checkpoint' then
+    if #old == 1 then return {0, 0} end
+    n = n + e.entries
+  else
+    n, fresh = n + 1, fresh + 1
+  end
+  total = total + e.amount
+  first_ts = math.min(first_ts, tonumber(e.since) or e.ts)
+  last_ts, balance = e.ts, e.balance
+end
+redis.call('ZREMRANGEBYRANK', ledger_key, 0, #old - 1)
+redis.call('ZADD', ledger_key, int(last_ts), table.concat({
+  '{"id":"checkpoint-', int(last_ts), '-', int(n), '","ts":', int(last_ts),
+  ',"type":"checkpoint","amount":', int(total), ',"balance":', int(balance),
+  ',"entries":', int(n), ',"since":', int(first_ts), '}'}))
+return {#old, fresh}
+"""
+)
+
 # 5. key lookup (auth.py, on a worker's cache miss): the failed-lookup limit and the key's record
 # with its account's limits, in one round trip.
 # KEYS: key record, failure counter of the client address
@@ -409,6 +444,7 @@ class Scripts:
     settle: Any
     sweep: Any
     grant: Any
+    fold: Any
 
 
 def register(client: aioredis.Redis, fast: ScriptClient | None = None) -> Scripts:
@@ -421,4 +457,5 @@ def register(client: aioredis.Redis, fast: ScriptClient | None = None) -> Script
         settle=FastScript(fast, settle) if fast else client.register_script(settle),
         sweep=client.register_script(_with_constants(SWEEP)),
         grant=client.register_script(_with_constants(GRANT)),
+        fold=client.register_script(_with_constants(FOLD)),
     )

@@ -129,7 +129,11 @@ def store_allocator_env(allocator: str) -> dict[str, str] | None:
     malloc, which a profile under load put at ~30% of Valkey's CPU; preloaded, mimalloc cut
     Valkey's CPU per reserve + settle by 20-25% (README, "Speed")."""
     lib = mimalloc_library() if allocator == "auto" else None
-    return {"LD_PRELOAD": str(lib)} if lib is not None else None
+    if lib is None:
+        return None
+    # after whatever the operator preloads already (a profiler, say), not instead of it
+    preload = " ".join(p for p in (os.environ.get("LD_PRELOAD", "").strip(), str(lib)) if p)
+    return {"LD_PRELOAD": preload}
 
 
 @dataclass

@@ -68,6 +68,11 @@ def test_sample_config_loads() -> None:
             "store.allocator",
             "auto or system",
         ),
+        (
+            lambda c: c.setdefault("metering", {}).update(ledger_retention="a while"),
+            "metering.ledger_retention",
+            "duration",
+        ),
     ],
 )
 def test_bad_config_names_field(mutate, path: str, problem: str) -> None:
@@ -83,6 +88,7 @@ def test_durations() -> None:
     assert parse_duration("500ms") == 0.5
     assert parse_duration("2s") == 2.0
     assert parse_duration("5m") == 300.0
+    assert parse_duration("30d") == 30 * 86400.0
     assert parse_duration(1.5) == 1.5
     assert parse_duration("fast") is None
     assert parse_duration(True) is None
@@ -148,3 +154,16 @@ def test_tracing_config_and_env_override(monkeypatch: pytest.MonkeyPatch) -> Non
         with pytest.raises(ConfigError) as e:
             parse_config(data)
         assert problem in str(e.value) and "tracing." in str(e.value)
+
+
+def test_ledger_retention() -> None:
+    def retention(value: object) -> float | None:
+        data = copy.deepcopy(SAMPLE)
+        if value is not None:
+            data.setdefault("metering", {})["ledger_retention"] = value
+        return parse_config(data).metering.ledger_retention_s
+
+    assert retention(None) == 30 * 86400.0  # the default: 30 days
+    assert retention("90d") == 90 * 86400.0
+    assert retention("2h") == 7200.0
+    assert retention(0) is None and retention("forever") is None  # keep every entry

@@ -393,6 +393,74 @@ async def test_transactions_page_newest_first(ledger: Ledger) -> None:
     assert [len(p) for p in pages] == [5, 3]
 
 
+async def test_retention_folds_old_entries_into_a_checkpoint_that_keeps_the_sum(
+    ledger: Ledger,
+) -> None:
+    await ledger.grant("acme", 10**7)
+    await ledger.grant("other", 10**6)
+    t = int(time.time() * 1000) + 10_000  # after the grants
+    for i in range(7):  # settled at t, t + 1000, ... t + 6000
+        assert (await ledger.reserve(request(f"r{i}"), now_ms=t + i * 1000 - 1)).ok
+        await ledger.settle(f"r{i}", 10, 10 + i, 200, 1, now_ms=t + i * 1000)
+    before = await ledger.transactions("acme", limit=100)
+    by_ts = sorted(before, key=lambda e: e["ts"])
+
+    # everything before t + 3000 (the grant and r0-r2), three entries a script call
+    assert await ledger.fold("acme", t + 3000, limit=3) == 4
+    after = await ledger.transactions("acme", limit=100)
+    assert [e["id"] for e in after[:-1]] == [f"r{i}" for i in range(6, 2, -1)]
+    checkpoint = after[-1]
+    assert checkpoint["type"] == "checkpoint" and checkpoint["entries"] == 4
+    assert checkpoint["amount"] == sum(e["amount"] for e in by_ts[:4])
+    assert checkpoint["ts"] == t + 2000 and checkpoint["since"] == by_ts[0]["ts"]
+    assert checkpoint["balance"] == by_ts[3]["balance"]
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == (await ledger.balance("acme")).balance
+    assert [u["request_id"] for u in await ledger.usage("acme")] == [f"r{i}" for i in (6, 5, 4, 3)]
+
+    # a lone checkpoint is not folded again; a later fold takes it in with the rest
+    assert await ledger.fold("acme", t + 3000) == 0
+    assert await ledger.fold("acme", t + 5000) == 2
+    after = await ledger.transactions("acme", limit=100)
+    assert [e["id"] for e in after[:-1]] == ["r6", "r5"]
+    assert after[-1]["entries"] == 6 and after[-1]["since"] == by_ts[0]["ts"]
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
+
+    # every account, from the accounts set; an account with nothing old keeps its entries
+    assert await ledger.fold_all(t + 10_000) == 2 + 1  # acme: r5 and r6; other: its grant
+    assert [e["type"] for e in await ledger.transactions("acme")] == ["checkpoint"]
+    assert (await ledger.transactions("other"))[0]["type"] == "checkpoint"
+    for account in ("acme", "other"):
+        total, balance = await ledger.reconcile(account)
+        assert total == balance > 0
+    assert await ledger.claim_fold(60) and not await ledger.claim_fold(60)
+
+
+async def test_the_sweeper_folds_what_is_older_than_the_retention(ledger: Ledger) -> None:
+    from extproc.metrics import Metrics
+    from extproc.settle_service import sweep_forever
+
+    await ledger.grant("acme", 10**7)
+    now = int(time.time() * 1000)
+    for i, age_ms in enumerate((9000, 8000, 500)):  # two older than the 5 s retention
+        assert (await ledger.reserve(request(f"r{i}"), now_ms=now - age_ms - 1)).ok
+        await ledger.settle(f"r{i}", 10, 10, 200, 1, now_ms=now - age_ms)
+    sweeper = asyncio.create_task(sweep_forever(ledger, 0.05, Metrics(), retention_s=5.0))
+    try:
+        deadline = time.monotonic() + 5
+        while (await ledger.transactions("acme"))[-1]["type"] != "checkpoint":
+            assert time.monotonic() < deadline, "the sweeper did not fold the ledger"
+            await asyncio.sleep(0.05)
+    finally:
+        sweeper.cancel()
+    entries = await ledger.transactions("acme")
+    assert [e["type"] for e in entries] == ["grant", "debit", "checkpoint"]  # grant: now
+    assert entries[-1]["entries"] == 2
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
+
+
 async def test_usage_filters(ledger: Ledger) -> None:
     await ledger.grant("acme", 10**7)
     for i in range(12):

@@ -479,3 +479,15 @@ def test_the_embedded_store_runs_on_mimalloc(gateway: Gateway) -> None:
     maps = Path(f"/proc/{valkey.pid}/maps").read_text()
     assert "libmimalloc" in maps
     assert store_allocator_env("system") is None
+
+
+def test_the_store_allocator_keeps_an_operators_preload(monkeypatch: pytest.MonkeyPatch) -> None:
+    from extproc.supervisor import mimalloc_library, store_allocator_env
+
+    lib = mimalloc_library()
+    if lib is None:
+        pytest.skip("mimalloc is preloaded on Linux only")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/profiler/libprof.so")
+    assert store_allocator_env("auto") == {"LD_PRELOAD": f"/opt/profiler/libprof.so {lib}"}
+    monkeypatch.delenv("LD_PRELOAD")
+    assert store_allocator_env("auto") == {"LD_PRELOAD": str(lib)}
