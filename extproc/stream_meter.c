@@ -16,7 +16,9 @@
  *     (metadata tollgate.keep_usage);
  *   - before "data: [DONE]", the SSE comment with the stream's figures;
  *   - the latest usage into dynamic metadata tollgate.usage (once, when the stream is over),
- *     which the gRPC access log hands to the settling worker;
+ *     which the gRPC access log hands to the settling worker; from a backend that reports no
+ *     running usage (TGI, OpenAI) and a stream that ended without its usage event, the prompt
+ *     estimate (metadata prompt_estimate) and the chunks counted;
  *   - the first chunk's time into tollgate.timing first_chunk_us (TTFT);
  *   - on the trailers the stream_trailers filter made: X-Credits-Used, X-Credits-Remaining.
  * Active only on responses carrying the stream route's mark header (envoy_config.py), which it
@@ -99,6 +101,7 @@ typedef struct {
   bool active, seen_body, keep_usage, have_usage;
   long long price_in, price_out, price_req, available;
   long long prompt, completion;
+  long long prompt_estimate, counted; /* for backends that report no running usage */
   char *request_id;
   size_t request_id_len;
   bytes tail; /* a partial event, waiting for its blank line */
@@ -128,6 +131,16 @@ static int credits(char *out, size_t cap, long long micro) {
   return snprintf(out, cap, "%s%lld.%s", sign, micro / 1000000, frac);
 }
 
+/* A backend without running usage (TGI, OpenAI) reports tokens only in its last event: a stream
+ * that ends without it (the client cut it) is charged the gateway's prompt estimate and one
+ * output token per chunk that passed (TGI sends one chunk per token). */
+static void counted_usage(meter *m) {
+  if (m->have_usage || m->counted == 0) return;
+  m->prompt = m->prompt_estimate;
+  m->completion = m->counted;
+  m->have_usage = true;
+}
+
 /* The stream's charge (as money.token_cost, capped at what was available). */
 static void charge(const meter *m, char *used, char *remaining, size_t cap) {
   long long cost = (m->prompt * m->price_in + m->completion * m->price_out + 999999) / 1000000 +
@@ -137,9 +150,10 @@ static void charge(const meter *m, char *used, char *remaining, size_t cap) {
   credits(remaining, cap, m->available - u);
 }
 
-static void figures(const meter *m, bytes *out) {
+static void figures(meter *m, bytes *out) {
   char line[512];
   int n;
+  counted_usage(m);
   if (!m->have_usage) {
     n = snprintf(line, sizeof line,
                  ": tollgate {\"object\":\"tollgate.credits\",\"request_id\":\"%.*s\","
@@ -240,6 +254,10 @@ static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
     }
     return;
   }
+  /* a chunk with a choice, but not the closing one with an empty delta: a token */
+  if (!m->have_usage && find(ev, n, "\"choices\":[{", 12) != NULL &&
+      find(ev, n, "\"delta\":{}", 10) == NULL)
+    m->counted++;
   size_t from, to, obj;
   if (usage_object(ev, n, &from, &to, &obj)) { /* vLLM's running usage: read, cut out */
     counts(m, ev + obj, to - obj);
@@ -334,6 +352,7 @@ int envoy_dynamic_module_on_http_filter_response_headers(void *f, const void *mo
   md_number(f, LIT("price_out"), &m->price_out);
   md_number(f, LIT("price_req"), &m->price_req);
   md_number(f, LIT("available"), &m->available);
+  md_number(f, LIT("prompt_estimate"), &m->prompt_estimate);
   m->active = true;
   return 0;
 }
@@ -388,7 +407,9 @@ int envoy_dynamic_module_on_http_filter_response_body(void *f, const void *modul
 
 int envoy_dynamic_module_on_http_filter_response_trailers(void *f, const void *module) {
   meter *m = (meter *)module;
-  if (m == NULL || !m->active || !m->have_usage) return 0;
+  if (m == NULL || !m->active) return 0;
+  counted_usage(m);
+  if (!m->have_usage) return 0;
   /* the trailer map the stream_trailers filter made; over HTTP/1.1 Envoy drops it */
   char used[40], remaining[40];
   charge(m, used, remaining, sizeof used);
@@ -406,8 +427,10 @@ int envoy_dynamic_module_on_http_filter_response_trailers(void *f, const void *m
  * the access log that hands it to the settling worker. Envoy runs this before its access logs;
  * written once here rather than on every chunk that moved it (the Lua meter's way). */
 void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *module) {
-  const meter *m = (const meter *)module;
-  if (m == NULL || !m->active || !m->have_usage) return;
+  meter *m = (meter *)module;
+  if (m == NULL || !m->active) return;
+  counted_usage(m);
+  if (!m->have_usage) return;
   envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
       f, LIT("tollgate.usage"), LIT("prompt_tokens"), (double)m->prompt);
   envoy_dynamic_module_callback_http_set_dynamic_metadata_number(

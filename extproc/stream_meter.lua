@@ -20,7 +20,8 @@
 --   * at the end, the same two figures as trailers X-Credits-Used / X-Credits-Remaining, into
 --     the empty trailer map the stream_trailers filter (stream_trailers.wat) made.
 -- Metadata the processor sets at request time (namespace "tollgate"): stream, request_id,
--- keep_usage, price_in / price_out / price_req (micro-credits), available (before this request).
+-- keep_usage, price_in / price_out / price_req (micro-credits), available (before this request),
+-- prompt_estimate (the reservation's prompt tokens).
 -- It also notes when the first chunk arrived ("tollgate.timing" first_chunk_us).
 -- No httpCall here: a call yields, and a chunk cannot be held across a yield.
 
@@ -39,11 +40,24 @@ local function credits(micro)
   return string.format("%s%d.%s", sign, whole, frac)
 end
 
--- The stream's charge from its latest usage, or nil while the backend has reported none:
--- prompt and completion tokens, used, remaining.
+-- The stream's tokens: its latest usage; from a backend that reports no running usage (TGI,
+-- OpenAI) and before its usage event (the client cut the stream), the prompt estimate and one
+-- output token per chunk that passed (usage.n; TGI sends one chunk per token); nil before either.
+local function tokens(usage, md)
+  if usage.p ~= nil and usage.c ~= nil then
+    return usage.p, usage.c
+  end
+  if usage.n > 0 then
+    return md["prompt_estimate"] or 0, usage.n
+  end
+  return nil, nil
+end
+
+-- The stream's charge, or nil while there are no tokens to charge: prompt and completion
+-- tokens, used, remaining.
 local function charge(usage, md)
-  local p, c = usage.p, usage.c
-  if p == nil or c == nil then
+  local p, c = tokens(usage, md)
+  if p == nil then
     return nil
   end
   local cost = math.ceil((p * md["price_in"] + c * md["price_out"]) / 1000000) + md["price_req"]
@@ -179,6 +193,7 @@ local function tgi_event(event, t, st, usage, md, out)
     end
   end
   st.n = st.n + 1
+  usage.n = st.n
   local _, tk = string.find(payload, '"token":%s*{')
   if tk ~= nil and string.find(payload, '"special":%s*true', tk) == nil then
     local _, e = string.find(payload, '"text":%s*"', tk)
@@ -207,11 +222,11 @@ function envoy_on_response(handle)
   local st = { started = false, done = false, n = 0, keep_usage = keep_usage }
   if tgi ~= nil then
     local header = handle:headers():get("x-prompt-tokens")
-    st.prompt = header and tonumber(header) or 0
+    st.prompt = header and tonumber(header) or md["prompt_estimate"] or 0
   end
   local tail = ""
   local first = true
-  local usage = {}
+  local usage = { n = 0 }
   for chunk in handle:bodyChunks() do
     if first then
       -- The backend's first body chunk comes with its first token: time to first token
@@ -222,7 +237,7 @@ function envoy_on_response(handle)
         handle:timestampString(EnvoyTimestampResolution.MICROSECOND)
       )
     end
-    local seen = usage.c
+    local seen_p, seen_c = tokens(usage, md)
     local data = tail .. chunk:getBytes(0, chunk:length())
     local out = {}
     local pos = 1
@@ -240,17 +255,22 @@ function envoy_on_response(handle)
         out[#out + 1] = figures(usage, md)
         out[#out + 1] = "data: [DONE]\n\n"
       else
+        if usage.c == nil and string.find(event, '"choices":[{', 1, true)
+          and not string.find(event, '"delta":{}', 1, true) then
+          usage.n = usage.n + 1 -- a chunk with a choice, not the closing empty delta: a token
+        end
         out[#out + 1] = rewrite_event(event, keep_usage, usage)
       end
       pos = e + 1
     end
     tail = string.sub(data, pos)
     chunk:setBytes(table.concat(out))
-    if usage.c ~= seen then
+    local p, c = tokens(usage, md)
+    if c ~= seen_c or p ~= seen_p then
       -- what the access log hands the settling worker, also when the client cuts the stream
       local meta = handle:streamInfo():dynamicMetadata()  -- a wrapper lives for one resume
-      meta:set("tollgate.usage", "prompt_tokens", usage.p)
-      meta:set("tollgate.usage", "completion_tokens", usage.c)
+      meta:set("tollgate.usage", "prompt_tokens", p)
+      meta:set("tollgate.usage", "completion_tokens", c)
     end
   end
   -- The stream_trailers filter gave the response an empty trailer map: the same figures as

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from extproc.money import Price, format_credits, parse_credits, token_cost
+from extproc.tokens import estimate_prompt_tokens
 from tests import h2client
 from tests.harness import Gateway, base_config, sim_backend, start_gateway
 
@@ -196,6 +197,48 @@ def test_streams_are_metered_with_their_real_usage(gw: Gateway, model: str) -> N
             break
         time.sleep(0.1)
     assert debit and debit["tokens_out"] == 6 and debit["tokens_in"] > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [(m, {}) for m in CHAT_MODELS] + [("tgi-native-model", {"stop": ["\u0007never"]})],
+    ids=[*CHAT_MODELS, "tgi-native-by-processor"],
+)
+def test_a_cut_stream_is_charged_for_what_it_generated_on_every_backend(
+    sdk: openai.OpenAI, gw: Gateway, model: str, extra: dict
+) -> None:
+    """vLLM reports usage on every chunk; TGI only in its last event, which a stream the client
+    cuts never gets: the meter counts the chunks that passed (TGI sends one per token) and the
+    stream is charged them and the prompt estimate, not its whole reservation."""
+    body = {"model": model, "messages": HELLO, **extra}
+    stream = sdk.chat.completions.create(
+        **body,
+        max_tokens=200,
+        stream=True,
+        extra_headers={"x-sim-itl-ms": "100", "x-sim-output-tokens": "200"},
+    )
+    rid = stream.response.headers["x-request-id"]
+    got = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+        if got == 5:
+            break
+    stream.close()
+    for _ in range(100):
+        debit = _ledger_debits(gw).get(rid)
+        if debit:
+            break
+        time.sleep(0.1)
+    assert debit and debit["reason"] == "client_disconnected", debit
+    # what passed Envoy before it saw the cut (100 ms apart: a loaded machine may pass one more)
+    assert 5 <= debit["tokens_out"] <= 8, debit
+    if model != "vllm-model":  # TGI's stream says nothing of the prompt: the estimate
+        assert debit["tokens_in"] == estimate_prompt_tokens("chat", body)
+    price = Price(1_000_000, 2_000_000)
+    assert debit["amount"] == "-" + format_credits(
+        token_cost(price, debit["tokens_in"], debit["tokens_out"])
+    )
 
 
 @pytest.mark.parametrize("model", CHAT_MODELS)

@@ -23,7 +23,9 @@ import pytest
 from extproc import native_meter
 from extproc.config import load_config
 from extproc.envoy_config import LUA_METER_HEADER, NATIVE_METER_FILTER, render
+from extproc.money import format_credits, token_cost
 from extproc.supervisor import Stack, StartError
+from extproc.tokens import estimate_prompt_tokens
 from tests import h2client
 from tests.harness import PRICE, Gateway, base_config, grant, start_gateway
 
@@ -44,6 +46,18 @@ SCRIPT = [
     "NE]\n\n",
 ]
 
+# A backend that reports no usage at all (as TGI's Messages API before its last event): the
+# meters count the chunks with a choice (the closing empty delta is none) as output tokens.
+NO_USAGE = [
+    "data: " + HEAD + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+    '"finish_reason":null}]}\n\ndata: ' + HEAD + '"choices":[{"index":0,"delta":{"content":"Tol',
+    'l"},"finish_reason":null}]}\n\ndata: ' + HEAD + '"choices":[{"index":0,"delta":{"content":'
+    '"gate"},"finish_reason":null}]}\n\n',
+    "data: "
+    + HEAD
+    + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n',
+]
+
 
 class _Scripted(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -62,7 +76,7 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for part in SCRIPT:
+        for part in NO_USAGE if self.headers.get("x-sim-script") == "no-usage" else SCRIPT:
             data = part.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
@@ -156,6 +170,47 @@ def test_both_meters_give_the_same_stream(
     ledger = got["native ledger"]
     assert (ledger["tokens_in"], ledger["tokens_out"]) == (9, 2)
     assert ledger["amount"] == "-" + figures["credits_used"]
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
+    gateways: dict[str, Gateway], cut: bool
+) -> None:
+    account, rid = "acct-" + uuid.uuid4().hex[:8], "meters-" + uuid.uuid4().hex
+    body: dict = {"model": "scripted", "messages": [{"role": "user", "content": "hi there"}]}
+    prompt = estimate_prompt_tokens("chat", body)
+    body |= {"stream": True, "max_tokens": 20}
+    got = {}
+    for meter, gw in gateways.items():
+        key = _account(gw, account)
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "X-Request-ID": rid,
+            "x-sim-script": "no-usage",
+        }
+        with httpx.stream(
+            "POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=20
+        ) as r:
+            assert r.status_code == 200
+            text = ""
+            for part in r.iter_text():
+                text += part
+                if cut and '"gate"' in text:
+                    break  # before the last chunk and [DONE]
+            got[meter] = text
+        got[meter + " ledger"] = _debit(gw, key, rid)
+    assert got["native ledger"] == got["lua ledger"]
+    ledger = got["native ledger"]
+    assert (ledger["tokens_in"], ledger["tokens_out"]) == (prompt, 3)  # role chunk, "Toll", "gate"
+    price = gateways["native"].cfg.models_by_id["scripted"].price
+    assert ledger["amount"] == "-" + format_credits(token_cost(price, prompt, 3))
+    if cut:
+        assert ledger["reason"] == "client_disconnected"
+    else:
+        assert got["native"] == got["lua"]
+        figures = json.loads(got["native"].split("\n\n")[-3][11:])
+        assert (figures["prompt_tokens"], figures["completion_tokens"]) == (prompt, 3)
+        assert ledger["amount"] == "-" + figures["credits_used"]
 
 
 def test_both_meters_give_the_same_trailers(gateways: dict[str, Gateway]) -> None:
