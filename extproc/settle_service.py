@@ -67,8 +67,13 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 rid = _string(md, "request_id")
                 if not rid:
                     continue
-                usage = _usage(fm[USAGE_NS].fields) if USAGE_NS in fm else None
+                usage_md = fm[USAGE_NS].fields if USAGE_NS in fm else None
+                usage = _usage(usage_md) if usage_md is not None else None
                 status = entry.response.response_code.value
+                if usage_md is not None and "failed" in usage_md:
+                    # the backend's stream failed (an error event) before its first token:
+                    # nothing was generated, and a failed request with no tokens is voided
+                    status = 502
                 flags = entry.common_properties.response_flags
                 if flags.downstream_connection_termination:
                     reason = "client_disconnected"

@@ -18,7 +18,8 @@
  *   - the latest usage into dynamic metadata tollgate.usage (once, when the stream is over),
  *     which the gRPC access log hands to the settling worker; from a backend that reports no
  *     running usage (TGI, OpenAI) and a stream that ended without its usage event, the prompt
- *     estimate (metadata prompt_estimate) and the chunks counted;
+ *     estimate (metadata prompt_estimate) and the chunks counted; a stream whose backend failed
+ *     (an error event) before any token or usage: zero tokens and "failed", which voids it;
  *   - the first chunk's time into tollgate.timing first_chunk_us (TTFT);
  *   - on the trailers the stream_trailers filter made: X-Credits-Used, X-Credits-Remaining.
  * Active only on responses carrying the stream route's mark header (envoy_config.py), which it
@@ -99,6 +100,7 @@ static void put(bytes *b, const char *s, size_t n) {
 
 typedef struct {
   bool active, seen_body, keep_usage, have_usage;
+  bool failed; /* an error event before any token or usage: the stream is voided */
   long long price_in, price_out, price_req, available;
   long long prompt, completion;
   long long prompt_estimate, counted; /* for backends that report no running usage */
@@ -135,8 +137,8 @@ static int credits(char *out, size_t cap, long long micro) {
  * that ends without it (the client cut it) is charged the gateway's prompt estimate and one
  * output token per chunk that passed (TGI sends one chunk per token). */
 static void counted_usage(meter *m) {
-  if (m->have_usage || m->counted == 0) return;
-  m->prompt = m->prompt_estimate;
+  if (m->have_usage || (m->counted == 0 && !m->failed)) return;
+  m->prompt = m->failed ? 0 : m->prompt_estimate;
   m->completion = m->counted;
   m->have_usage = true;
 }
@@ -145,7 +147,7 @@ static void counted_usage(meter *m) {
 static void charge(const meter *m, char *used, char *remaining, size_t cap) {
   long long cost = (m->prompt * m->price_in + m->completion * m->price_out + 999999) / 1000000 +
                    m->price_req;
-  long long u = cost < m->available ? cost : m->available;
+  long long u = m->failed ? 0 : cost < m->available ? cost : m->available;
   credits(used, cap, u);
   credits(remaining, cap, m->available - u);
 }
@@ -240,6 +242,8 @@ static bool usage_object(const char *s, size_t n, size_t *from, size_t *to, size
   return false;
 }
 
+#define ROLE_ONLY "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}"
+
 static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
   if (n == 12 && memcmp(ev, "data: [DONE]", 12) == 0) {
     figures(m, out);
@@ -254,9 +258,17 @@ static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
     }
     return;
   }
-  /* a chunk with a choice, but not the closing one with an empty delta: a token */
+  if (!m->have_usage && m->counted == 0 && n > 5 && memcmp(ev, "data:", 5) == 0) {
+    size_t i = 5;
+    while (i < n && is_space(ev[i])) i++;
+    if (n - i >= 8 && memcmp(ev + i, "{\"error\"", 8) == 0) m->failed = true; /* nothing made */
+  }
+  /* a chunk with a choice: a token, but for the closing one with an empty delta and an opening
+   * one with the role alone (TGI's last, with its reason, is its end-of-sequence token) */
   if (!m->have_usage && find(ev, n, "\"choices\":[{", 12) != NULL &&
-      find(ev, n, "\"delta\":{}", 10) == NULL)
+      find(ev, n, "\"delta\":{}", 10) == NULL &&
+      !(find(ev, n, ROLE_ONLY, sizeof ROLE_ONLY - 1) != NULL &&
+        find(ev, n, "\"finish_reason\":null", 20) != NULL))
     m->counted++;
   size_t from, to, obj;
   if (usage_object(ev, n, &from, &to, &obj)) { /* vLLM's running usage: read, cut out */
@@ -435,6 +447,9 @@ void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *mo
       f, LIT("tollgate.usage"), LIT("prompt_tokens"), (double)m->prompt);
   envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
       f, LIT("tollgate.usage"), LIT("completion_tokens"), (double)m->completion);
+  if (m->failed) /* the settling worker voids it (settle_service.py) */
+    envoy_dynamic_module_callback_http_set_dynamic_metadata_number(f, LIT("tollgate.usage"),
+                                                                   LIT("failed"), 1);
 }
 
 void envoy_dynamic_module_on_http_filter_http_callout_done(void *f, const void *m, uint64_t id,

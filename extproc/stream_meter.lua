@@ -25,6 +25,8 @@
 -- It also notes when the first chunk arrived ("tollgate.timing" first_chunk_us).
 -- No httpCall here: a call yields, and a chunk cannot be held across a yield.
 
+local ROLE_ONLY = '"delta":{"role":"assistant","content":""}'
+
 local function credits(micro)
   local sign = ""
   if micro < 0 then
@@ -43,9 +45,13 @@ end
 -- The stream's tokens: its latest usage; from a backend that reports no running usage (TGI,
 -- OpenAI) and before its usage event (the client cut the stream), the prompt estimate and one
 -- output token per chunk that passed (usage.n; TGI sends one chunk per token); nil before either.
+-- A stream whose backend failed (an error event) before any token or usage: zero, voided.
 local function tokens(usage, md)
   if usage.p ~= nil and usage.c ~= nil then
     return usage.p, usage.c
+  end
+  if usage.failed then
+    return 0, 0
   end
   if usage.n > 0 then
     return md["prompt_estimate"] or 0, usage.n
@@ -61,7 +67,7 @@ local function charge(usage, md)
     return nil
   end
   local cost = math.ceil((p * md["price_in"] + c * md["price_out"]) / 1000000) + md["price_req"]
-  local used = math.min(cost, md["available"])
+  local used = usage.failed and 0 or math.min(cost, md["available"])
   return { p = p, c = c, used = credits(used), remaining = credits(md["available"] - used) }
 end
 
@@ -175,6 +181,7 @@ local function tgi_event(event, t, st, usage, md, out)
     return -- a keep-alive comment, or a field we do not use
   end
   if string.find(payload, '"error_type"', 1, true) or string.find(payload, '^%s*{%s*"error"') then
+    usage.failed = usage.c == nil and usage.n == 0
     out[#out + 1] = tgi_error(payload, t, md)
     out[#out + 1] = figures(usage, md)
     out[#out + 1] = "data: [DONE]\n\n"
@@ -255,9 +262,16 @@ function envoy_on_response(handle)
         out[#out + 1] = figures(usage, md)
         out[#out + 1] = "data: [DONE]\n\n"
       else
+        if usage.c == nil and usage.n == 0 and string.find(event, '^data:%s*{"error"') then
+          usage.failed = true -- the backend failed before its first token
+        end
+        -- a chunk with a choice: a token, but for the closing one with an empty delta and an
+        -- opening one with the role alone (TGI's last, with its reason, is its EOS token)
         if usage.c == nil and string.find(event, '"choices":[{', 1, true)
-          and not string.find(event, '"delta":{}', 1, true) then
-          usage.n = usage.n + 1 -- a chunk with a choice, not the closing empty delta: a token
+          and not string.find(event, '"delta":{}', 1, true)
+          and not (string.find(event, ROLE_ONLY, 1, true)
+            and string.find(event, '"finish_reason":null', 1, true)) then
+          usage.n = usage.n + 1
         end
         out[#out + 1] = rewrite_event(event, keep_usage, usage)
       end
@@ -271,6 +285,9 @@ function envoy_on_response(handle)
       local meta = handle:streamInfo():dynamicMetadata()  -- a wrapper lives for one resume
       meta:set("tollgate.usage", "prompt_tokens", p)
       meta:set("tollgate.usage", "completion_tokens", c)
+      if usage.failed then
+        meta:set("tollgate.usage", "failed", 1) -- the settling worker voids it
+      end
     end
   end
   -- The stream_trailers filter gave the response an empty trailer map: the same figures as

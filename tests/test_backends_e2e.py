@@ -241,6 +241,57 @@ def test_a_cut_stream_is_charged_for_what_it_generated_on_every_backend(
     )
 
 
+@pytest.mark.parametrize("error_after", [0, 2])
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [
+        ("tgi-native-model", {}),
+        ("tgi-messages-model", {}),
+        ("tgi-native-model", {"stop": ["\u0007never"]}),
+    ],
+    ids=["tgi-native-model", "tgi-messages-model", "tgi-native-by-processor"],
+)
+def test_a_tgi_stream_that_fails_is_charged_what_it_generated(
+    gw: Gateway, model: str, extra: dict, error_after: int
+) -> None:
+    """TGI reports failures (overload, validation, a generation error) as an event in a 200
+    stream. Before its first token nothing was made: the request is voided; after n tokens it
+    is charged them (and the prompt estimate), not its reservation."""
+    body = {"model": model, "messages": HELLO, **extra}
+    headers = {"Authorization": f"Bearer {gw.key}", "x-sim-error-after": str(error_after)}
+    with httpx.stream(
+        "POST",
+        gw.v1 + "/chat/completions",
+        headers=headers,
+        json={**body, "max_tokens": 50, "stream": True},
+    ) as r:
+        assert r.status_code == 200
+        rid, text = r.headers["x-request-id"], r.read().decode()
+    assert '"error"' in text and text.rstrip().endswith("data: [DONE]")
+    figures = json.loads(next(x for x in text.split("\n") if x.startswith(": tollgate "))[11:])
+    entry = None
+    for _ in range(100):
+        r = httpx.get(
+            gw.v1 + "/credits/transactions?limit=50", headers={"Authorization": f"Bearer {gw.key}"}
+        )
+        entry = next((e for e in r.json()["data"] if e.get("request_id") == rid), None)
+        if entry:
+            break
+        time.sleep(0.1)
+    assert entry is not None
+    if error_after == 0:
+        assert entry["type"] == "void" and parse_credits(entry["amount"]) == 0, entry
+        assert figures["credits_used"] == "0.00"
+    else:
+        prompt = estimate_prompt_tokens("chat", body)
+        assert entry["type"] == "debit", entry
+        assert (entry["tokens_in"], entry["tokens_out"]) == (prompt, error_after), entry
+        assert entry["amount"] == "-" + figures["credits_used"]
+        assert entry["amount"] == "-" + format_credits(
+            token_cost(Price(1_000_000, 2_000_000), prompt, error_after)
+        )
+
+
 @pytest.mark.parametrize("model", CHAT_MODELS)
 def test_http2_streams_end_whole_and_trailers_only_where_untranslated(
     gw: Gateway, model: str

@@ -47,7 +47,8 @@ SCRIPT = [
 ]
 
 # A backend that reports no usage at all (as TGI's Messages API before its last event): the
-# meters count the chunks with a choice (the closing empty delta is none) as output tokens.
+# meters count the chunks with a choice as output tokens (not the opening one with the role
+# alone, nor the closing empty delta).
 NO_USAGE = [
     "data: " + HEAD + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
     '"finish_reason":null}]}\n\ndata: ' + HEAD + '"choices":[{"index":0,"delta":{"content":"Tol',
@@ -201,15 +202,15 @@ def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
         got[meter + " ledger"] = _debit(gw, key, rid)
     assert got["native ledger"] == got["lua ledger"]
     ledger = got["native ledger"]
-    assert (ledger["tokens_in"], ledger["tokens_out"]) == (prompt, 3)  # role chunk, "Toll", "gate"
+    assert (ledger["tokens_in"], ledger["tokens_out"]) == (prompt, 2)  # "Toll", "gate"
     price = gateways["native"].cfg.models_by_id["scripted"].price
-    assert ledger["amount"] == "-" + format_credits(token_cost(price, prompt, 3))
+    assert ledger["amount"] == "-" + format_credits(token_cost(price, prompt, 2))
     if cut:
         assert ledger["reason"] == "client_disconnected"
     else:
         assert got["native"] == got["lua"]
         figures = json.loads(got["native"].split("\n\n")[-3][11:])
-        assert (figures["prompt_tokens"], figures["completion_tokens"]) == (prompt, 3)
+        assert (figures["prompt_tokens"], figures["completion_tokens"]) == (prompt, 2)
         assert ledger["amount"] == "-" + figures["credits_used"]
 
 
