@@ -4,7 +4,11 @@
 -- include_usage + continuous_usage_stats), so a stream cut short is still charged for what it
 -- generated: this filter keeps the latest usage in "tollgate.usage" (once per chunk that moved
 -- it) and Envoy's gRPC access log hands it to the processor, which settles the stream
--- (ledger.py). Envoy's sse_to_metadata skips these streams (their route marks the response):
+-- (ledger.py). Backends without running usage (TGI, OpenAI) report it only in their last
+-- event: until then the chunks with a choice are counted as output tokens and the prompt is the
+-- reservation's estimate (metadata prompt_estimate), so a cut stream is charged what passed; an
+-- error event before any token marks the usage "failed" (voided). The same rules as
+-- stream_meter.c. Envoy's sse_to_metadata skips these streams (their route marks the response):
 -- parsing every event's JSON cost Envoy ~12 µs an event; string patterns here, next to nothing.
 -- Per chunk:
 --   * complete events only (a partial event waits for its blank line);
