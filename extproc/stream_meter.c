@@ -242,6 +242,19 @@ static bool usage_object(const char *s, size_t n, size_t *from, size_t *to, size
   return false;
 }
 
+/* An event of TGI's own /generate_stream, which the per-model proxy passes as it is: one token
+ * each; the last one's details hold TGI's counts (the prompt: the estimate if they lack it). */
+static void tgi_own_event(meter *m, const char *ev, size_t n) {
+  long long c, p;
+  m->counted++;
+  if (find(ev, n, "\"details\":{", 11) == NULL ||
+      !number_after(ev, n, "\"generated_tokens\":", 19, &c))
+    return;
+  m->prompt = number_after(ev, n, "\"input_length\":", 15, &p) ? p : m->prompt_estimate;
+  m->completion = c;
+  m->have_usage = true;
+}
+
 #define ROLE_ONLY "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}"
 
 static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
@@ -270,6 +283,8 @@ static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
       !(find(ev, n, ROLE_ONLY, sizeof ROLE_ONLY - 1) != NULL &&
         find(ev, n, "\"finish_reason\":null", 20) != NULL))
     m->counted++;
+  else if (!m->have_usage && find(ev, n, "\"token\":{", 9) != NULL)
+    tgi_own_event(m, ev, n);
   size_t from, to, obj;
   if (usage_object(ev, n, &from, &to, &obj)) { /* vLLM's running usage: read, cut out */
     counts(m, ev + obj, to - obj);
@@ -442,7 +457,10 @@ void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *mo
   meter *m = (meter *)module;
   if (m == NULL || !m->active) return;
   counted_usage(m);
-  if (!m->have_usage) return;
+  if (!m->have_usage) { /* cut before its first token (in the queue, in the prefill) */
+    m->prompt = m->prompt_estimate;
+    m->completion = 0;
+  }
   envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
       f, LIT("tollgate.usage"), LIT("prompt_tokens"), (double)m->prompt);
   envoy_dynamic_module_callback_http_set_dynamic_metadata_number(

@@ -218,6 +218,19 @@ local function tgi_event(event, t, st, usage, md, out)
   end
 end
 
+-- An event of TGI's own /generate_stream, which the per-model proxy passes as it is: one token
+-- each; the last one's details hold TGI's counts (the prompt: the estimate if they lack it).
+local function tgi_own_event(event, usage, md)
+  usage.n = usage.n + 1
+  if string.find(event, '"details":{', 1, true) then
+    local c = tonumber(string.match(event, '"generated_tokens":%s*(%d+)'))
+    if c ~= nil then
+      local p = tonumber(string.match(event, '"input_length":%s*(%d+)'))
+      usage.p, usage.c = p or md["prompt_estimate"] or 0, c
+    end
+  end
+end
+
 function envoy_on_response(handle)
   handle:headers():remove("x-tollgate-lua-meter")  -- the route's mark (envoy_config.py)
   local md = handle:streamInfo():dynamicMetadata():get("tollgate")
@@ -238,6 +251,14 @@ function envoy_on_response(handle)
   local tail = ""
   local first = true
   local usage = { n = 0 }
+  -- until the first token or usage: a stream cut in the queue or the prefill is charged its
+  -- prompt (as estimated), not its reservation
+  local meta0 = handle:streamInfo():dynamicMetadata()
+  local had = meta0:get("tollgate.usage")
+  if had == nil or had["prompt_tokens"] == nil then
+    meta0:set("tollgate.usage", "prompt_tokens", md["prompt_estimate"] or 0)
+    meta0:set("tollgate.usage", "completion_tokens", 0)
+  end
   for chunk in handle:bodyChunks() do
     if first then
       -- The backend's first body chunk comes with its first token: time to first token
@@ -276,6 +297,8 @@ function envoy_on_response(handle)
           and not (string.find(event, ROLE_ONLY, 1, true)
             and string.find(event, '"finish_reason":null', 1, true)) then
           usage.n = usage.n + 1
+        elseif usage.c == nil and string.find(event, '"token":{', 1, true) then
+          tgi_own_event(event, usage, md) -- TGI's own stream, untranslated (the per-model proxy)
         end
         out[#out + 1] = rewrite_event(event, keep_usage, usage)
       end

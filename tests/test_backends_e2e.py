@@ -241,6 +241,83 @@ def test_a_cut_stream_is_charged_for_what_it_generated_on_every_backend(
     )
 
 
+def _debit_for(gw: Gateway, rid: str) -> dict:
+    for _ in range(100):
+        debit = _ledger_debits(gw).get(rid)
+        if debit:
+            return debit
+        time.sleep(0.1)
+    raise AssertionError(f"no debit for {rid}")
+
+
+@pytest.mark.parametrize("model", ("tgi-native-model", "tgi-messages-model"))
+def test_tgis_own_stream_through_the_proxy_is_charged_its_counts_whole_or_cut(
+    gw: Gateway, model: str
+) -> None:
+    """TGI's own /generate_stream, passed untranslated by the per-model proxy: a whole stream is
+    charged the counts of its last event (on either TGI mode, whichever stream meter runs), a
+    cut one the events that passed (one per token) and the prompt estimate."""
+    url = f"{gw.base_url}/models/{model}/proxy/v1/generate_stream"
+    auth = {"Authorization": f"Bearer {gw.key}"}
+    body = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 6}}
+    with httpx.stream("POST", url, headers=auth, json=body, timeout=20) as r:
+        assert r.status_code == 200, r.read()
+        rid, text = r.headers["x-request-id"], r.read().decode()
+    last = json.loads([e for e in text.split("\n\n") if e.startswith("data:")][-1][5:])
+    debit = _debit_for(gw, rid)
+    assert debit["reason"] != "client_disconnected", debit
+    details = last["details"]
+    assert (debit["tokens_in"], debit["tokens_out"]) == (
+        details["input_length"],
+        details["generated_tokens"],
+    ), debit
+
+    body = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 200}}
+    pace = {"x-sim-itl-ms": "100", "x-sim-output-tokens": "200"}
+    with httpx.stream("POST", url, headers={**auth, **pace}, json=body, timeout=20) as r:
+        assert r.status_code == 200
+        rid, got = r.headers["x-request-id"], 0
+        for line in r.iter_lines():
+            got += line.startswith("data:")
+            if got == 5:
+                break
+    debit = _debit_for(gw, rid)
+    assert debit["reason"] == "client_disconnected", debit
+    assert 5 <= debit["tokens_out"] <= 8, debit
+    # the proxy estimates TGI's inputs as a completion's prompt
+    prompt = estimate_prompt_tokens("completions", {"prompt": body["inputs"]})
+    assert debit["tokens_in"] == prompt, debit
+
+
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_a_stream_cut_before_its_first_token_is_charged_its_prompt(gw: Gateway, model: str) -> None:
+    """The client gives up while the request waits in the backend's queue or prefill (the
+    response has begun, no token yet): charged the prompt as estimated, not the reservation."""
+    body = {"model": model, "messages": HELLO}
+    headers = {"Authorization": f"Bearer {gw.key}", "x-sim-ttft-ms": "3000"}
+    t0 = time.monotonic()
+    with httpx.stream(
+        "POST",
+        gw.v1 + "/chat/completions",
+        headers=headers,
+        json={**body, "max_tokens": 50, "stream": True},
+    ) as r:
+        assert r.status_code == 200 and time.monotonic() - t0 < 2.5  # headers before the token
+        rid = r.headers["x-request-id"]
+    entry = None
+    for _ in range(100):
+        entry = _ledger_debits(gw).get(rid)
+        if entry:
+            break
+        time.sleep(0.1)
+    assert entry is not None and entry["reason"] == "client_disconnected", entry
+    prompt = estimate_prompt_tokens("chat", body)
+    assert (entry["tokens_in"], entry["tokens_out"]) == (prompt, 0), entry
+    assert entry["amount"] == "-" + format_credits(
+        token_cost(Price(1_000_000, 2_000_000), prompt, 0)
+    )
+
+
 @pytest.mark.parametrize("error_after", [0, 2])
 @pytest.mark.parametrize(
     ("model", "extra"),

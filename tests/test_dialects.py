@@ -275,9 +275,14 @@ def test_proxy_tgi_native_generate_is_metered_from_tgi_headers(gw: Gateway) -> N
     assert sent["path"] == "/generate" and sent["body"]["parameters"]["max_new_tokens"] >= 1
 
 
-def test_proxy_tgi_native_stream_is_metered_from_its_last_event(gw: Gateway) -> None:
+@pytest.mark.parametrize("pace", [{}, {"x_sim_ttft_ms": "300", "x_sim_itl_ms": "40"}])
+def test_proxy_tgi_native_stream_is_metered_from_its_last_event(
+    gw: Gateway, pace: dict[str, str]
+) -> None:
+    """Also when the events come one by one: the stream meter's first figures (the prompt
+    estimate, for a stream cut before its first token) never hide the last event's."""
     body = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 6}}
-    rid, text = _sse(gw, "/models/tgi-model/proxy/v1/generate_stream", body)
+    rid, text = _sse(gw, "/models/tgi-model/proxy/v1/generate_stream", body, **pace)
     events = [e for e in _events(text) if e.startswith("data:")]
     last = orjson.loads(events[-1][5:])
     assert last["details"]["generated_tokens"] == 6  # TGI's own events, no [DONE] added
