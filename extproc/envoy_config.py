@@ -57,7 +57,6 @@ REROUTE_FILTER = "tollgate.reroute"  # uploads: routes again once the processor 
 _LUA_NAME = "envoy.filters.http.lua"
 _JSON_NAME = "envoy.filters.http.json_to_metadata"
 _SSE_NAME = "envoy.filters.http.sse_to_metadata"
-_SSE_TGI_NAME = "tollgate.sse_to_metadata.tgi"  # TGI's /generate_stream counts; TGI routes only
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
 ADMIN_CLUSTER = "tollgate_envoy_admin"  # Envoy's own admin, for GET /v1/models/{id}/health
@@ -256,36 +255,19 @@ def _control_routes(metered: bool) -> list[dict[str, Any]]:
     return routes
 
 
-def _usage_rules(
-    fields: tuple[tuple[str, str, str], ...] = (
-        ("usage", "prompt_tokens", "prompt_tokens"),
-        ("usage", "completion_tokens", "completion_tokens"),
-    ),
-) -> list[dict[str, Any]]:
-    """(object, field, usage key): ``object.field`` of a JSON body or SSE event -> ``usage key``
-    in the usage namespace."""
+def _usage_rules() -> list[dict[str, Any]]:
+    """``usage.prompt_tokens`` / ``usage.completion_tokens`` of a JSON body or SSE event -> the
+    usage namespace."""
     return [
         {
-            "selectors": [{"key": obj}, {"key": field}],
+            "selectors": [{"key": "usage"}, {"key": key}],
             "on_present": {"metadata_namespace": USAGE_NS, "key": key, "type": "NUMBER"},
         }
-        for obj, field, key in fields
+        for key in ("prompt_tokens", "completion_tokens")
     ]
 
 
-# TGI's native stream (/generate_stream) reports its counts in the last event's details; only
-# the per-model proxy forwards that stream untranslated, and this meters it with no processor
-# message per chunk. These rules live in a second sse_to_metadata filter, skipped unless the
-# response carries TGI's own `x-compute-type` header (TGI and TEI send it, vLLM does not; TEI
-# never streams): measured, two more rules in the one filter every stream passes cost ~15% of
-# metered stream throughput (Envoy +130 µs a stream) on streams they never match.
-_TGI_STREAM_USAGE = (
-    ("details", "input_length", "prompt_tokens"),
-    ("details", "generated_tokens", "completion_tokens"),
-)
-
-
-def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
+def _metering_filters() -> list[dict[str, Any]]:
     """Usage out of responses, natively: JSON bodies and SSE streams (last value wins)."""
     json_usage = {
         "name": _JSON_NAME,
@@ -308,12 +290,11 @@ def _metering_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
             _header_matches(_RESPONSE_HEADER_INPUT, LUA_METER_HEADER, ".+"),
         ),
     ]
-    if not any(b.kind == "tgi" for b in cfg.backends):
-        return filters
-    # the TGI rules, on TGI's responses only
-    tgi = _sse_filter("envoy.filters.http.sse_to_metadata", _usage_rules(_TGI_STREAM_USAGE))
-    from_tgi = _header_matches(_RESPONSE_HEADER_INPUT, "x-compute-type", ".+")
-    return [*filters, _skipped_when(_SSE_TGI_NAME, tgi, {"not_matcher": from_tgi})]
+    # TGI's own /generate_stream (the per-model proxy) is always a metered stream: the stream
+    # meter reads its counts (one token per event, the last event's details). A filter with
+    # TGI's rules here, as there once was, cost Envoy one JSON parse per event (~12 µs) on every
+    # TGI stream for figures the meter already had.
+    return filters
 
 
 def _when_cued(name: str, filter_: dict[str, Any], header: str, regex: str) -> dict[str, Any]:
@@ -852,7 +833,7 @@ def render(cfg: GatewayConfig, native_meter: Path | None = None) -> dict[str, An
             _reroute_filter(),
             _transcoder(),
             *([_trailers_filter()] if metered and cfg.metering.stream_trailers else []),
-            *(_metering_filters(cfg) if metered else []),
+            *(_metering_filters() if metered else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"},

@@ -3,6 +3,7 @@ the render of the sample config."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -86,18 +87,19 @@ def test_one_cluster_per_backend_with_health_checks() -> None:
     assert names[-1] == "envoy.filters.http.router"
 
 
-def test_tgi_stream_usage_rules_exist_only_with_tgi_backends() -> None:
-    """Which responses the usage filters read is tested through Envoy in test_dialects.py."""
+def test_one_sse_filter_with_or_without_tgi_backends() -> None:
+    """The stream meters read TGI's own streams: no second sse_to_metadata for TGI's rules.
+    Which responses the usage filters read is tested through Envoy in test_dialects.py."""
     from extproc.config import parse_config
 
-    def names(cfg_dict: dict) -> list[str]:
+    def sse_filters(cfg_dict: dict) -> list[str]:
         hcm = render(parse_config(cfg_dict))["static_resources"]["listeners"][0]
         filters = hcm["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-        return [f["name"] for f in filters]
+        return [f["name"] for f in filters if "v3.SseToMetadata" in json.dumps(f)]
 
     cfg = base_config()
-    assert "tollgate.sse_to_metadata.tgi" not in names(cfg)
+    assert sse_filters(cfg) == ["envoy.filters.http.sse_to_metadata"]
     cfg["backends"].append(
         {"name": "tgi-b", "kind": "tgi", "endpoints": ["127.0.0.1:9"], "request_timeout": "10s"}
     )
-    assert "tollgate.sse_to_metadata.tgi" in names(cfg)
+    assert sse_filters(cfg) == ["envoy.filters.http.sse_to_metadata"]
