@@ -66,12 +66,11 @@ TIMING_NS = "tollgate.timing"  # the stream meter's first-chunk time (TTFT)
 USAGE_NS = "tollgate.usage"  # usage lifted out of responses by json_to_metadata/sse_to_metadata
 _LUA = Path(__file__).with_name("stream_meter.lua")
 TRAILERS_FILTER = "tollgate.stream_trailers"  # empty trailers on metered streams (Lua fills them)
-TRAILERS_HEADER = "x-tollgate-trailers"  # the processor's cue for TRAILERS_FILTER
+TRAILERS_HEADER = "x-tollgate-trailers"  # the processor's cue for TRAILERS_FILTER (response)
 LUA_METER_HEADER = "x-tollgate-lua-meter"  # metered streams' routes mark their responses
 NATIVE_METER_FILTER = "tollgate.stream_meter"  # stream_meter.c, where it could be built
 _TRAILERS_WASM = Path(__file__).with_name("stream_trailers.wasm")  # built from the .wat beside it
 _T = "type.googleapis.com/"
-_HEADER_INPUT = _T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
 _RESPONSE_HEADER_INPUT = _T + "envoy.type.matcher.v3.HttpResponseHeaderMatchInput"
 _SKIP_ACTION = _T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
 
@@ -297,15 +296,6 @@ def _metering_filters() -> list[dict[str, Any]]:
     return filters
 
 
-def _when_cued(name: str, filter_: dict[str, Any], header: str, regex: str) -> dict[str, Any]:
-    """``filter_`` skipped unless request ``header`` (set by the processor) matches ``regex``.
-
-    The filter must come after ext_proc in the chain: the processor sets the header on the
-    body message, which Envoy has applied by the time later filters see the request headers."""
-    cued = _header_matches(_HEADER_INPUT, header, regex)
-    return _skipped_when(name, filter_, {"not_matcher": cued})
-
-
 def _unless_large_response(filter_: dict[str, Any]) -> dict[str, Any]:
     """``filter_`` (json_to_metadata) skipped on responses of 1,000,000 bytes or more.
 
@@ -394,12 +384,14 @@ def _native_meter_filter(module: Path) -> dict[str, Any]:
 def _trailers_filter() -> dict[str, Any]:
     """The empty trailers the Lua stream meter fills (see ``stream_trailers.wat``).
 
-    After the Lua stream meter and ext_proc in the chain, so on the response path it runs
-    before both: at the last body chunk it creates the trailer map the stream meter writes the
-    credit figures into. Only on metered streams the processor does not rewrite (it sets
-    TRAILERS_HEADER on them): on a stream whose chunks go to the processor, Envoy would hand it
-    the last chunk without end_of_stream (the trailers end the stream), and the translators
-    finish a stream on end_of_stream. Measured cost: see README, "Speed"."""
+    Between the stream meters and ext_proc in the chain, so on the response path it runs after
+    the processor and before the meters: at the last body chunk it creates the trailer map the
+    stream meter writes the credit figures into. After the processor, because a stream whose
+    chunks the processor translates must reach it with end_of_stream on its last chunk (the
+    trailers would end the stream instead, and the translators finish a stream on
+    end_of_stream). Only on the metered HTTP/2+ streams whose response headers the processor
+    marks with TRAILERS_HEADER (the stream meters remove it). Measured cost: see README,
+    "Speed"."""
     wasm = {
         "name": "envoy.filters.http.wasm",
         "typed_config": {
@@ -418,7 +410,8 @@ def _trailers_filter() -> dict[str, Any]:
             },
         },
     }
-    return _when_cued(TRAILERS_FILTER, wasm, TRAILERS_HEADER, "1")
+    cued = _header_matches(_RESPONSE_HEADER_INPUT, TRAILERS_HEADER, "1")
+    return _skipped_when(TRAILERS_FILTER, wasm, {"not_matcher": cued})
 
 
 def _settle_log() -> dict[str, Any]:
@@ -582,7 +575,7 @@ def _backend_route(b: Backend, header_value: str) -> dict[str, Any]:
             },
         },
         # The client's gateway credential never reaches a backend.
-        "request_headers_to_remove": [ROUTE_HEADER, TRAILERS_HEADER, "authorization", "cookie"],
+        "request_headers_to_remove": [ROUTE_HEADER, "authorization", "cookie"],
     }
 
 
@@ -829,10 +822,10 @@ def render(cfg: GatewayConfig, native_meter: Path | None = None) -> dict[str, An
         "http_filters": [
             *([_native_meter_filter(native_meter)] if native_meter and native else []),
             *([_lua_filter()] if metered else []),
+            *([_trailers_filter()] if metered and cfg.metering.stream_trailers else []),
             _ext_proc_filter(cfg),
             _reroute_filter(),
             _transcoder(),
-            *([_trailers_filter()] if metered and cfg.metering.stream_trailers else []),
             *(_metering_filters() if metered else []),
             {
                 "name": "envoy.filters.http.router",

@@ -124,6 +124,7 @@ class RequestState:
         "t0_ns",
         "timeout_s",
         "trace",
+        "trailers",
         "translator",
         "upload",
         "usage",
@@ -139,6 +140,7 @@ class RequestState:
         self.backend_status = 0
         self.buffered = False  # response body BUFFERED (whole body in one message)
         self.http1 = False  # the client speaks HTTP/1.x (trailers never reach it)
+        self.trailers = False  # the stream's credits go out as HTTP/2 trailers too
         self.control = False  # a control-API call (transcoded by Envoy, served by a worker)
         self.health = False  # GET /v1/models/{id}/health: Envoy's admin /clusters, mapped
         self.reservation: Reservation | None = None
@@ -592,14 +594,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         # the backend's own path, else the operation's (the envelope's differs from the client's)
         path = translator.backend_path(st.op.name, st.path) or st.path
         pairs = self._upstream(st, route, path)
-        if (
+        # credits as HTTP/2 trailers (the stream meter), cued on the response (_response_headers)
+        st.trailers = (
             metadata is not None
             and self.cfg.metering.stream_trailers
-            and st.envelope is None
-            and not translator.rewrites_stream
             and not st.http1  # HTTP/1.1 carries no trailers: the filter would work for nothing
-        ):
-            pairs.append((TRAILERS_HEADER, "1"))  # credits as HTTP/2 trailers (the stream meter)
+        )
         new_body = None
         remove: tuple[str, ...] = ()
         if changed and st.upload is not None:  # the head of the form, rewritten: Envoy ignores
@@ -657,6 +657,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if res is not None:
             if st.stream and status < 400:
                 pairs += rate_headers(res)
+                if st.trailers:  # the trailers filter's cue (the stream meter removes it)
+                    pairs.append((TRAILERS_HEADER, "1"))
             else:
                 fm = req.metadata_context.filter_metadata
                 if USAGE_NS in fm:

@@ -351,6 +351,9 @@ int envoy_dynamic_module_on_http_filter_response_headers(void *f, const void *mo
     return 0;
   envoy_dynamic_module_callback_http_set_header(f, HDR_RESPONSE, LIT("x-tollgate-lua-meter"),
                                                 (tg_buf){NULL, 0});
+  /* the processor's cue for the stream_trailers filter, done with */
+  envoy_dynamic_module_callback_http_set_header(f, HDR_RESPONSE, LIT("x-tollgate-trailers"),
+                                                (tg_buf){NULL, 0});
   bool stream = false;
   if (!envoy_dynamic_module_callback_http_get_metadata_bool(f, MD_DYNAMIC, LIT("tollgate"),
                                                             LIT("stream"), &stream) ||

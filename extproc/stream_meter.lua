@@ -233,6 +233,7 @@ end
 
 function envoy_on_response(handle)
   handle:headers():remove("x-tollgate-lua-meter")  -- the route's mark (envoy_config.py)
+  handle:headers():remove("x-tollgate-trailers")  -- the processor's cue for stream_trailers
   local md = handle:streamInfo():dynamicMetadata():get("tollgate")
   if md == nil or md["stream"] ~= true then
     return

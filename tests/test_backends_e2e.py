@@ -369,22 +369,29 @@ def test_a_tgi_stream_that_fails_is_charged_what_it_generated(
         )
 
 
-@pytest.mark.parametrize("model", CHAT_MODELS)
-def test_http2_streams_end_whole_and_trailers_only_where_untranslated(
-    gw: Gateway, model: str
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [(m, {}) for m in CHAT_MODELS] + [("tgi-native-model", {"stop": ["\u0007never"]})],
+    ids=[*CHAT_MODELS, "tgi-native-by-processor"],
+)
+def test_http2_streams_end_whole_and_in_credit_trailers_on_every_backend(
+    gw: Gateway, model: str, extra: dict
 ) -> None:
-    """Over HTTP/2, vLLM and TGI-native streams (TGI's translated by Envoy's stream meter) end in
-    credit trailers; TGI Messages streams (translated chunk by chunk by the processor) get none,
-    and still end with the credits comment and [DONE]."""
-    body = {"model": model, "messages": HELLO, "max_tokens": 6, "stream": True}
+    """Over HTTP/2, every metered stream ends with the credits comment, [DONE] and the credit
+    trailers: vLLM's, TGI-native's (translated by Envoy's stream meter, or by the processor when
+    it has stop sequences) and TGI Messages' (whose chunks the processor translates), the
+    trailers the same figures as the comment."""
+    body = {"model": model, "messages": HELLO, "max_tokens": 6, "stream": True, **extra}
     r = h2client.post(gw.v1 + "/chat/completions", body, {"Authorization": f"Bearer {gw.key}"})
     assert r.status == 200
     lines = r.lines()
     assert lines[-1] == "data: [DONE]" and '"completion_tokens":6' in lines[-2]
-    if model != "tgi-messages-model":
-        assert set(r.trailers) == {"x-credits-used", "x-credits-remaining"}
-    else:
-        assert r.trailers == {}
+    figures = json.loads(lines[-2].removeprefix(": tollgate "))
+    assert r.trailers == {
+        "x-credits-used": figures["credits_used"],
+        "x-credits-remaining": figures["credits_remaining"],
+    }
+    assert "x-tollgate-trailers" not in r.headers  # the processor's cue stays inside
 
 
 def test_embeddings_answer_larger_than_envoys_buffer_passes_and_is_metered(gw: Gateway) -> None:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from extproc.money import format_credits
+from tests import h2client
 from tests.harness import PRICE, Gateway, base_config, sim_backend, start_gateway
 
 HELLO = [{"role": "user", "content": "Tell me about envelopes."}]
@@ -431,3 +432,32 @@ def test_envelope_media(gw: Gateway) -> None:
     assert body["status"] == "ok" and isinstance(body["data"]["text"], str)
     debit = _debit(gw, r.headers["x-request-id"])
     assert debit["amount"] == "-" + format_credits(1_200)  # 0.001 a request + 2 s x 0.0001
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/inference/chat", {"model": "sim-chat", "messages": HELLO, "max_tokens": 4}),
+        ("/v1/inference/chat", {"model": "tgi-model", "messages": HELLO, "max_tokens": 4}),
+        (
+            "/models/tgi-model/proxy/v1/generate_stream",
+            {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 4}},
+        ),
+    ],
+    ids=["envelope-vllm", "envelope-tgi", "proxy-tgi"],
+)
+def test_http2_streams_of_every_dialect_end_in_credit_trailers(
+    gw: Gateway, path: str, body: dict[str, Any]
+) -> None:
+    """Envelope streams (chunks the processor watches) and the proxy's (the backend's own
+    stream) end in the same credit trailers as the OpenAI dialect's, matching the ledger."""
+    if path.startswith("/v1/inference"):
+        body = {**body, "stream": True}
+    r = h2client.post(gw.base_url + path, body, _auth(gw.key))
+    assert r.status == 200, r.body
+    assert set(r.trailers) == {"x-credits-used", "x-credits-remaining"}, r.trailers
+    assert "x-tollgate-trailers" not in r.headers
+    if path.startswith("/v1/inference"):  # the stream ended whole before its trailers
+        assert r.lines()[-1] == "data: [DONE]"
+    debit = _debit(gw, r.headers["x-request-id"])
+    assert r.trailers["x-credits-used"] == debit["amount"].removeprefix("-")
