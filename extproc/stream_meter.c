@@ -256,6 +256,13 @@ static void tgi_own_event(meter *m, const char *ev, size_t n) {
 }
 
 #define ROLE_ONLY "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}"
+#define ROLE_ONLY_OPENAI "\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}"
+
+static bool role_only(const char *ev, size_t n) {
+  return (find(ev, n, ROLE_ONLY, sizeof ROLE_ONLY - 1) != NULL ||
+          find(ev, n, ROLE_ONLY_OPENAI, sizeof ROLE_ONLY_OPENAI - 1) != NULL) &&
+         find(ev, n, "\"finish_reason\":null", 20) != NULL;
+}
 
 static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
   if (n == 12 && memcmp(ev, "data: [DONE]", 12) == 0) {
@@ -279,9 +286,7 @@ static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
   /* a chunk with a choice: a token, but for the closing one with an empty delta and an opening
    * one with the role alone (TGI's last, with its reason, is its end-of-sequence token) */
   if (!m->have_usage && find(ev, n, "\"choices\":[{", 12) != NULL &&
-      find(ev, n, "\"delta\":{}", 10) == NULL &&
-      !(find(ev, n, ROLE_ONLY, sizeof ROLE_ONLY - 1) != NULL &&
-        find(ev, n, "\"finish_reason\":null", 20) != NULL))
+      find(ev, n, "\"delta\":{}", 10) == NULL && !role_only(ev, n))
     m->counted++;
   else if (!m->have_usage && find(ev, n, "\"token\":{", 9) != NULL)
     tgi_own_event(m, ev, n);

@@ -30,6 +30,7 @@
 -- No httpCall here: a call yields, and a chunk cannot be held across a yield.
 
 local ROLE_ONLY = '"delta":{"role":"assistant","content":""}'
+local ROLE_ONLY_OPENAI = '"delta":{"role":"assistant","content":"","refusal":null}' -- OpenAI's
 
 local function credits(micro)
   local sign = ""
@@ -295,7 +296,8 @@ function envoy_on_response(handle)
         -- opening one with the role alone (TGI's last, with its reason, is its EOS token)
         if usage.c == nil and string.find(event, '"choices":[{', 1, true)
           and not string.find(event, '"delta":{}', 1, true)
-          and not (string.find(event, ROLE_ONLY, 1, true)
+          and not ((string.find(event, ROLE_ONLY, 1, true)
+              or string.find(event, ROLE_ONLY_OPENAI, 1, true))
             and string.find(event, '"finish_reason":null', 1, true)) then
           usage.n = usage.n + 1
         elseif usage.c == nil and string.find(event, '"token":{', 1, true) then

@@ -77,7 +77,12 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for part in NO_USAGE if self.headers.get("x-sim-script") == "no-usage" else SCRIPT:
+        script = self.headers.get("x-sim-script")
+        parts = SCRIPT if script is None else NO_USAGE
+        if script == "no-usage-openai":  # OpenAI's opening chunk also says refusal: null
+            parts = [NO_USAGE[0].replace('"content":""}', '"content":"","refusal":null}', 1)]
+            parts += NO_USAGE[1:]
+        for part in parts:
             data = part.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
@@ -173,9 +178,10 @@ def test_both_meters_give_the_same_stream(
     assert ledger["amount"] == "-" + figures["credits_used"]
 
 
+@pytest.mark.parametrize("script", ["no-usage", "no-usage-openai"])
 @pytest.mark.parametrize("cut", [False, True])
 def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
-    gateways: dict[str, Gateway], cut: bool
+    gateways: dict[str, Gateway], cut: bool, script: str
 ) -> None:
     account, rid = "acct-" + uuid.uuid4().hex[:8], "meters-" + uuid.uuid4().hex
     body: dict = {"model": "scripted", "messages": [{"role": "user", "content": "hi there"}]}
@@ -187,7 +193,7 @@ def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
         headers = {
             "Authorization": f"Bearer {key}",
             "X-Request-ID": rid,
-            "x-sim-script": "no-usage",
+            "x-sim-script": script,
         }
         with httpx.stream(
             "POST", gw.v1 + "/chat/completions", json=body, headers=headers, timeout=20
