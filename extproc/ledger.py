@@ -163,15 +163,17 @@ class Ledger:
         reason: str = "settled",
         now_ms: int | None = None,
         charge_reserved: bool = False,
+        counted: bool = False,
     ) -> Settlement:
         """Post the real usage (None = unknown: void), exactly once per request id.
 
         ``charge_reserved``: the request was served but its usage is unknown (a stream cut off
         by a backend that reports no running usage): charge the reserved amount.
-        ``latency_ms`` < 0: measure it from the reservation's creation."""
+        ``latency_ms`` < 0: measure it from the reservation's creation. ``counted``: the tokens
+        are the stream meter's count (the backend's usage never came), which the entry says."""
         keys, args = _settle_call(
             request_id, prompt_tokens, completion_tokens, status, latency_ms, reason, now_ms,
-            charge_reserved,
+            charge_reserved, counted,
         )  # fmt: skip
         return _settlement(await self._scripts.settle(keys=keys, args=args))
 
@@ -184,6 +186,7 @@ class Ledger:
         latency_ms: int,
         reason: str,
         charge_reserved: bool,
+        counted: bool = False,
     ) -> asyncio.Future[Settlement] | None:
         """``settle``, sent now: a future of its result (a future, not a task). None (nothing
         sent) without the pipelined client or its open connection; then await ``settle``."""
@@ -192,7 +195,7 @@ class Ledger:
             return None
         keys, args = _settle_call(
             request_id, prompt_tokens, completion_tokens, status, latency_ms, reason, None,
-            charge_reserved,
+            charge_reserved, counted,
         )  # fmt: skip
         future: asyncio.Future[Settlement] = asyncio.get_running_loop().create_future()
 
@@ -338,6 +341,8 @@ def _usage_record(entry: dict[str, Any]) -> dict[str, Any]:
     record = {name: entry.get(name) for name in _USAGE_FIELDS}
     record["unit"] = entry.get("unit", "tokens")
     record["cost"] = -entry["amount"]
+    if entry.get("counted"):  # the tokens are the gateway's count: the backend's never came
+        record["counted"] = True
     record["latency_ms"] = entry.get("latency_ms")
     record["status"] = entry.get("status")
     return record
@@ -352,6 +357,7 @@ def _settle_call(
     reason: str,
     now_ms: int | None,
     charge_reserved: bool,
+    counted: bool = False,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the settle script (store_scripts.SETTLE)."""
     unknown = prompt_tokens is None or completion_tokens is None
@@ -364,6 +370,7 @@ def _settle_call(
         latency_ms,
         _now(now_ms),
         reason,
+        1 if counted else 0,
     ]
     return keys, args
 

@@ -152,13 +152,21 @@ class Meter:
         unless the pipelined connection is not open yet). Calls sent together pipeline."""
         prompt, completion, served_unknown = _settle_args(usage, status)
         latency = _latency(started_ms)
+        counted = bool(usage and usage.get("counted"))  # the stream meter counted the tokens
         future = self.ledger.settle_soon(
-            request_id, prompt, completion, status, latency, reason, served_unknown
+            request_id, prompt, completion, status, latency, reason, served_unknown, counted
         )
         if future is not None:
             return future
         awaited = self.ledger.settle(
-            request_id, prompt, completion, status, latency, reason, charge_reserved=served_unknown
+            request_id,
+            prompt,
+            completion,
+            status,
+            latency,
+            reason,
+            charge_reserved=served_unknown,
+            counted=counted,
         )
         task = asyncio.ensure_future(awaited)
         self._pending.add(task)  # a reference until it is done

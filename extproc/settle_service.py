@@ -35,13 +35,17 @@ def _string(fields: Any, key: str) -> str:
 
 
 def _usage(fields: Any) -> dict[str, float] | None:
-    """prompt_tokens and completion_tokens of the tollgate.usage namespace (None: unknown)."""
+    """prompt_tokens and completion_tokens of the tollgate.usage namespace (None: unknown), and
+    "counted" when the stream meter counted them (the backend's usage never came)."""
     if "prompt_tokens" not in fields or "completion_tokens" not in fields:
         return None
-    return {
+    usage = {
         "prompt_tokens": fields["prompt_tokens"].number_value,
         "completion_tokens": fields["completion_tokens"].number_value,
     }
+    if "counted" in fields and fields["counted"].number_value > 0:
+        usage["counted"] = 1
+    return usage
 
 
 class SettleLog(als_pb2_grpc.AccessLogServiceServicer):

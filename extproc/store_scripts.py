@@ -112,7 +112,7 @@ end
 -- window.
 -- Returns charge, balance, pending, written_off, and that window's req and tok when it was read.
 local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, tok_used,
-                    http_status, latency_ms, now)
+                    http_status, latency_ms, now, counted)
   local reserved = tonumber(r.amount)
   local balance, pending = balances(r.k_acct)
   pending = pending - reserved
@@ -142,7 +142,7 @@ local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, to
     ',"key_prefix":', enc(r.key_prefix), ',"tokens_in":', num(tin), ',"tokens_out":', num(tout),
     ',"unit":', enc(r.unit), ',"reserved":', int(reserved), ',"written_off":', int(written_off),
     ',"reason":', enc(reason), ',"backend":', enc(r.backend), ',"latency_ms":', num(latency_ms),
-    ',"status":', num(http_status), '}'}))
+    ',"status":', num(http_status), counted and ',"counted":true}' or '}'}))
   redis.call('SET', resv_key, enc({int(charge), int(written_off), kind, r.k_acct, r.k_rl_prefix,
     r.rpm, r.tpm}), 'EX', DONE_TTL)
   return charge, balance, pending, written_off, req, tok
@@ -239,7 +239,8 @@ return reply('ok', granted, amount, 0)
 # 2. settle: post the real amount, or void, exactly once.
 # KEYS: resv, done, due zset
 # ARGV: request_id, prompt_tokens, completion_tokens (-1 = unknown), http status, latency_ms,
-#       now_ms, reason
+#       now_ms, reason, counted ('1': the tokens are the stream meter's count, the prompt its
+#       estimate; the debit's ledger entry says "counted": true)
 # Void (charge 0) when the usage is unknown, or when the backend failed (status >= 400) and no
 # tokens were used. Otherwise charge the price on the real tokens: below the reserved amount
 # usually, above it only if the backend overran max_tokens (capped at what is available).
@@ -253,6 +254,7 @@ local resv_key, done_key, due_key = KEYS[1], KEYS[2], KEYS[3]
 local rid, p, c = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local http_status, latency_ms, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local reason = ARGV[7]
+local counted = ARGV[8] == '1'  -- the tokens are the gateway's count, not the backend's
 
 local this_minute = math.floor(now / 60000)
 -- window_minute, req, tok: the window post() read, reused when it is this minute's
@@ -301,7 +303,7 @@ else
 end
 local charge, balance, pending, written_off, req, tok = post(
   rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, used, http_status, latency_ms,
-  now)
+  now, counted and kind == 'debit')
 return reply('ok', charge, written_off, kind, r.k_rl_prefix, tonumber(r.rpm), tonumber(r.tpm),
              balance, pending, tonumber(r.minute), req, tok)
 """

@@ -20,6 +20,7 @@
  *     running usage (TGI, OpenAI) and a stream that ended without its usage event, the prompt
  *     estimate (metadata prompt_estimate) and the chunks counted; a stream whose backend failed
  *     (an error event) before any token or usage: zero tokens and "failed", which voids it;
+ *     figures of the estimate and the count are marked "counted" (the ledger entry says so);
  *   - the first chunk's time into tollgate.timing first_chunk_us (TTFT);
  *   - on the trailers the stream_trailers filter made: X-Credits-Used, X-Credits-Remaining.
  * Active only on responses carrying the stream route's mark header (envoy_config.py), which it
@@ -101,6 +102,7 @@ static void put(bytes *b, const char *s, size_t n) {
 typedef struct {
   bool active, seen_body, keep_usage, have_usage;
   bool failed; /* an error event before any token or usage: the stream is voided */
+  bool estimated; /* the figures are the prompt estimate and the counted chunks, not usage */
   long long price_in, price_out, price_req, available;
   long long prompt, completion;
   long long prompt_estimate, counted; /* for backends that report no running usage */
@@ -139,6 +141,7 @@ static int credits(char *out, size_t cap, long long micro) {
 static void counted_usage(meter *m) {
   if (m->have_usage || (m->counted == 0 && !m->failed)) return;
   m->prompt = m->failed ? 0 : m->prompt_estimate;
+  m->estimated = !m->failed;
   m->completion = m->counted;
   m->have_usage = true;
 }
@@ -250,7 +253,8 @@ static void tgi_own_event(meter *m, const char *ev, size_t n) {
   if (find(ev, n, "\"details\":{", 11) == NULL ||
       !number_after(ev, n, "\"generated_tokens\":", 19, &c))
     return;
-  m->prompt = number_after(ev, n, "\"input_length\":", 15, &p) ? p : m->prompt_estimate;
+  m->estimated = !number_after(ev, n, "\"input_length\":", 15, &p);
+  m->prompt = m->estimated ? m->prompt_estimate : p;
   m->completion = c;
   m->have_usage = true;
 }
@@ -468,6 +472,7 @@ void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *mo
   if (!m->have_usage) { /* cut before its first token (in the queue, in the prefill) */
     m->prompt = m->prompt_estimate;
     m->completion = 0;
+    m->estimated = true;
   }
   envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
       f, LIT("tollgate.usage"), LIT("prompt_tokens"), (double)m->prompt);
@@ -476,6 +481,9 @@ void envoy_dynamic_module_on_http_filter_stream_complete(void *f, const void *mo
   if (m->failed) /* the settling worker voids it (settle_service.py) */
     envoy_dynamic_module_callback_http_set_dynamic_metadata_number(f, LIT("tollgate.usage"),
                                                                    LIT("failed"), 1);
+  else if (m->estimated) /* the ledger entry says the tokens were counted */
+    envoy_dynamic_module_callback_http_set_dynamic_metadata_number(f, LIT("tollgate.usage"),
+                                                                   LIT("counted"), 1);
 }
 
 void envoy_dynamic_module_on_http_filter_http_callout_done(void *f, const void *m, uint64_t id,

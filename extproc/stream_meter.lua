@@ -7,7 +7,8 @@
 -- (ledger.py). Backends without running usage (TGI, OpenAI) report it only in their last
 -- event: until then the chunks with a choice are counted as output tokens and the prompt is the
 -- reservation's estimate (metadata prompt_estimate), so a cut stream is charged what passed; an
--- error event before any token marks the usage "failed" (voided). The same rules as
+-- error event before any token marks the usage "failed" (voided), and figures of the estimate
+-- and the count are marked "counted" (the ledger entry says so). The same rules as
 -- stream_meter.c. Envoy's sse_to_metadata skips these streams (their route marks the response):
 -- parsing every event's JSON cost Envoy ~12 µs an event; string patterns here, next to nothing.
 -- Per chunk:
@@ -159,7 +160,9 @@ end
 
 local function tgi_end(payload, t, st, usage, md, out)
   local reason = FINISH[payload and string.match(payload, '"finish_reason":%s*"([%w_]+)"') or ""]
-  local p = payload and tonumber(string.match(payload, '"input_length":%s*(%d+)')) or st.prompt
+  local p = payload and tonumber(string.match(payload, '"input_length":%s*(%d+)'))
+  usage.estimated = p == nil and st.prompt_estimated
+  p = p or st.prompt
   local c = payload and tonumber(string.match(payload, '"generated_tokens":%s*(%d+)')) or st.n
   reason = reason or "stop"
   if t.chat then
@@ -227,7 +230,7 @@ local function tgi_own_event(event, usage, md)
     local c = tonumber(string.match(event, '"generated_tokens":%s*(%d+)'))
     if c ~= nil then
       local p = tonumber(string.match(event, '"input_length":%s*(%d+)'))
-      usage.p, usage.c = p or md["prompt_estimate"] or 0, c
+      usage.p, usage.c, usage.estimated = p or md["prompt_estimate"] or 0, c, p == nil
     end
   end
 end
@@ -249,6 +252,7 @@ function envoy_on_response(handle)
   if tgi ~= nil then
     local header = handle:headers():get("x-prompt-tokens")
     st.prompt = header and tonumber(header) or md["prompt_estimate"] or 0
+    st.prompt_estimated = header == nil
   end
   local tail = ""
   local first = true
@@ -257,9 +261,12 @@ function envoy_on_response(handle)
   -- prompt (as estimated), not its reservation
   local meta0 = handle:streamInfo():dynamicMetadata()
   local had = meta0:get("tollgate.usage")
+  local counted_was = nil
   if had == nil or had["prompt_tokens"] == nil then
+    counted_was = 1
     meta0:set("tollgate.usage", "prompt_tokens", md["prompt_estimate"] or 0)
     meta0:set("tollgate.usage", "completion_tokens", 0)
+    meta0:set("tollgate.usage", "counted", 1)
   end
   for chunk in handle:bodyChunks() do
     if first then
@@ -317,6 +324,12 @@ function envoy_on_response(handle)
       meta:set("tollgate.usage", "completion_tokens", c)
       if usage.failed then
         meta:set("tollgate.usage", "failed", 1) -- the settling worker voids it
+      end
+      -- the estimate and the count, not the backend's usage: the ledger entry says so
+      local counted = (usage.p == nil or usage.estimated) and 1 or 0
+      if counted ~= counted_was then
+        meta:set("tollgate.usage", "counted", counted)
+        counted_was = counted
       end
     end
   end

@@ -197,6 +197,7 @@ def test_streams_are_metered_with_their_real_usage(gw: Gateway, model: str) -> N
             break
         time.sleep(0.1)
     assert debit and debit["tokens_out"] == 6 and debit["tokens_in"] > 0
+    assert "counted" not in debit  # the backend's own usage
 
 
 @pytest.mark.parametrize(
@@ -235,6 +236,9 @@ def test_a_cut_stream_is_charged_for_what_it_generated_on_every_backend(
     assert 5 <= debit["tokens_out"] <= 8, debit
     if model != "vllm-model":  # TGI's stream says nothing of the prompt: the estimate
         assert debit["tokens_in"] == estimate_prompt_tokens("chat", body)
+        assert debit["counted"] is True  # and the entry says the tokens were counted
+    else:
+        assert "counted" not in debit  # vLLM's running usage
     price = Price(1_000_000, 2_000_000)
     assert debit["amount"] == "-" + format_credits(
         token_cost(price, debit["tokens_in"], debit["tokens_out"])
@@ -265,7 +269,7 @@ def test_tgis_own_stream_through_the_proxy_is_charged_its_counts_whole_or_cut(
         rid, text = r.headers["x-request-id"], r.read().decode()
     last = json.loads([e for e in text.split("\n\n") if e.startswith("data:")][-1][5:])
     debit = _debit_for(gw, rid)
-    assert debit["reason"] != "client_disconnected", debit
+    assert debit["reason"] != "client_disconnected" and "counted" not in debit, debit
     details = last["details"]
     assert (debit["tokens_in"], debit["tokens_out"]) == (
         details["input_length"],
@@ -286,7 +290,10 @@ def test_tgis_own_stream_through_the_proxy_is_charged_its_counts_whole_or_cut(
     assert 5 <= debit["tokens_out"] <= 8, debit
     # the proxy estimates TGI's inputs as a completion's prompt
     prompt = estimate_prompt_tokens("completions", {"prompt": body["inputs"]})
-    assert debit["tokens_in"] == prompt, debit
+    assert debit["tokens_in"] == prompt and debit["counted"] is True, debit
+    usage = httpx.get(gw.v1 + "/usage?limit=100", headers=auth).json()["data"]
+    record = next(u for u in usage if u["request_id"] == rid)
+    assert record["counted"] is True and record["tokens_out"] == debit["tokens_out"]
 
 
 @pytest.mark.parametrize("model", CHAT_MODELS)
@@ -313,6 +320,7 @@ def test_a_stream_cut_before_its_first_token_is_charged_its_prompt(gw: Gateway, 
     assert entry is not None and entry["reason"] == "client_disconnected", entry
     prompt = estimate_prompt_tokens("chat", body)
     assert (entry["tokens_in"], entry["tokens_out"]) == (prompt, 0), entry
+    assert entry["counted"] is True
     assert entry["amount"] == "-" + format_credits(
         token_cost(Price(1_000_000, 2_000_000), prompt, 0)
     )

@@ -477,6 +477,26 @@ async def test_usage_filters(ledger: Ledger) -> None:
     assert len(await ledger.usage("acme", model="m1", limit=3)) == 3
 
 
+async def test_counted_tokens_are_flagged_on_debits_only(ledger: Ledger) -> None:
+    """A stream whose backend's usage never came is settled on the stream meter's count: its
+    debit says "counted"; a void never does, and a replay does not add a second entry."""
+    await ledger.grant("acme", 10**6)
+    for rid in ("a", "b", "c"):
+        assert (await ledger.reserve(request(rid), now_ms=T0)).ok
+    await ledger.settle("a", 100, 5, 200, 1, "client_disconnected", now_ms=T0 + 1, counted=True)
+    await ledger.settle("b", 100, 5, 200, 1, now_ms=T0 + 2)
+    await ledger.settle("c", 0, 0, 502, 1, now_ms=T0 + 3, counted=True)  # failed: void
+    again = await ledger.settle("a", 100, 5, 200, 1, now_ms=T0 + 4, counted=True)
+    assert again.status == "duplicate"
+    entries = {e["id"]: e for e in await ledger.transactions("acme") if e["type"] != "grant"}
+    assert len(entries) == 3
+    assert entries["a"]["counted"] is True and entries["a"]["type"] == "debit"
+    assert "counted" not in entries["b"] and "counted" not in entries["c"]
+    assert entries["c"]["type"] == "void"
+    (record,) = [u for u in await ledger.usage("acme") if u["request_id"] == "a"]
+    assert record["counted"] is True
+
+
 async def test_one_entry_per_request_is_both_transaction_and_usage(
     ledger: Ledger, client: redis.asyncio.Redis
 ) -> None:

@@ -209,6 +209,7 @@ def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
     assert got["native ledger"] == got["lua ledger"]
     ledger = got["native ledger"]
     assert (ledger["tokens_in"], ledger["tokens_out"]) == (prompt, 2)  # "Toll", "gate"
+    assert ledger["counted"] is True  # the estimate and the count: the entry says so
     price = gateways["native"].cfg.models_by_id["scripted"].price
     assert ledger["amount"] == "-" + format_credits(token_cost(price, prompt, 2))
     if cut:
@@ -243,7 +244,11 @@ def _debit(gw: Gateway, key: str, rid: str, timeout: float = 10) -> dict:
         r = httpx.get(gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"})
         for entry in r.json()["data"]:
             if entry.get("request_id") == rid and entry["type"] == "debit":
-                return {k: entry[k] for k in ("amount", "tokens_in", "tokens_out", "reason")}
+                return {
+                    k: entry[k]
+                    for k in ("amount", "tokens_in", "tokens_out", "reason", "counted")
+                    if k in entry
+                }
         time.sleep(0.05)
     raise AssertionError(f"no debit for {rid}")
 
