@@ -317,7 +317,10 @@ function envoy_on_response(handle)
     tail = string.sub(data, pos)
     chunk:setBytes(table.concat(out))
     local p, c = tokens(usage, md)
-    if c ~= seen_c or p ~= seen_p then
+    -- the estimate and the count, not the backend's usage: the ledger entry says so (the
+    -- backend's usage may well equal them, and must still clear the mark)
+    local counted = (usage.p == nil or usage.estimated) and 1 or 0
+    if c ~= seen_c or p ~= seen_p or (p ~= nil and counted ~= counted_was) then
       -- what the access log hands the settling worker, also when the client cuts the stream
       local meta = handle:streamInfo():dynamicMetadata()  -- a wrapper lives for one resume
       meta:set("tollgate.usage", "prompt_tokens", p)
@@ -325,8 +328,6 @@ function envoy_on_response(handle)
       if usage.failed then
         meta:set("tollgate.usage", "failed", 1) -- the settling worker voids it
       end
-      -- the estimate and the count, not the backend's usage: the ledger entry says so
-      local counted = (usage.p == nil or usage.estimated) and 1 or 0
       if counted ~= counted_was then
         meta:set("tollgate.usage", "counted", counted)
         counted_was = counted

@@ -60,6 +60,15 @@ NO_USAGE = [
 ]
 
 
+# A usage-only event before [DONE] whose figures equal the count and the prompt estimate of
+# the test's request: the meters must still settle it as the backend's usage, not a count.
+_HI = {"model": "scripted", "messages": [{"role": "user", "content": "hi there"}]}
+LATE_USAGE = (
+    "data: " + HEAD + '"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":2,'
+    '"total_tokens":%d}}\n\ndata: [DONE]'
+) % (estimate_prompt_tokens("chat", _HI), estimate_prompt_tokens("chat", _HI) + 2)
+
+
 class _Scripted(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -82,6 +91,8 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
         if script == "no-usage-openai":  # OpenAI's opening chunk also says refusal: null
             parts = [NO_USAGE[0].replace('"content":""}', '"content":"","refusal":null}', 1)]
             parts += NO_USAGE[1:]
+        elif script == "late-usage":  # usage at the end only, the same as the count
+            parts = [*NO_USAGE[:-1], NO_USAGE[-1].replace("data: [DONE]", LATE_USAGE, 1)]
         for part in parts:
             data = part.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -178,13 +189,13 @@ def test_both_meters_give_the_same_stream(
     assert ledger["amount"] == "-" + figures["credits_used"]
 
 
-@pytest.mark.parametrize("script", ["no-usage", "no-usage-openai"])
+@pytest.mark.parametrize("script", ["no-usage", "no-usage-openai", "late-usage"])
 @pytest.mark.parametrize("cut", [False, True])
 def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
     gateways: dict[str, Gateway], cut: bool, script: str
 ) -> None:
     account, rid = "acct-" + uuid.uuid4().hex[:8], "meters-" + uuid.uuid4().hex
-    body: dict = {"model": "scripted", "messages": [{"role": "user", "content": "hi there"}]}
+    body: dict = dict(_HI)
     prompt = estimate_prompt_tokens("chat", body)
     body |= {"stream": True, "max_tokens": 20}
     got = {}
@@ -209,7 +220,10 @@ def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
     assert got["native ledger"] == got["lua ledger"]
     ledger = got["native ledger"]
     assert (ledger["tokens_in"], ledger["tokens_out"]) == (prompt, 2)  # "Toll", "gate"
-    assert ledger["counted"] is True  # the estimate and the count: the entry says so
+    if script == "late-usage" and not cut:
+        assert "counted" not in ledger  # the backend's usage, equal to the count or not
+    else:
+        assert ledger["counted"] is True  # the estimate and the count: the entry says so
     price = gateways["native"].cfg.models_by_id["scripted"].price
     assert ledger["amount"] == "-" + format_credits(token_cost(price, prompt, 2))
     if cut:
