@@ -79,9 +79,15 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                     # nothing was generated, and a failed request with no tokens is voided
                     status = 502
                 flags = entry.common_properties.response_flags
-                if flags.downstream_connection_termination:
+                # HTTP/1.1 clients give up by closing the connection, HTTP/2+ ones by resetting
+                # the stream (RST_STREAM)
+                if flags.downstream_connection_termination or flags.downstream_remote_reset:
                     reason = "client_disconnected"
-                elif flags.upstream_request_timeout or flags.upstream_connection_termination:
+                elif (
+                    flags.upstream_request_timeout
+                    or flags.upstream_connection_termination
+                    or flags.upstream_remote_reset
+                ):
                     reason = "backend_cut_off"
                 else:
                     reason = "settled"

@@ -23,7 +23,15 @@ class H2Response:
         return [line for line in self.body.decode().split("\n") if line]
 
 
-def post(url: str, payload: object, headers: dict[str, str], timeout: float = 20) -> H2Response:
+def post(
+    url: str,
+    payload: object,
+    headers: dict[str, str],
+    timeout: float = 20,
+    cut_after: int | None = None,
+) -> H2Response:
+    """POST ``payload`` as JSON; ``cut_after``: reset the stream (RST_STREAM, as a client that
+    gives up) once that many DATA frames have come, and return what came."""
     parts = urlsplit(url)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
     with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
@@ -41,7 +49,7 @@ def post(url: str, payload: object, headers: dict[str, str], timeout: float = 20
         conn.send_headers(stream_id, request)
         conn.send_data(stream_id, body, end_stream=True)
         sock.sendall(conn.data_to_send())
-        status, got, data, trailers = 0, {}, bytearray(), {}
+        status, got, data, trailers, frames = 0, {}, bytearray(), {}, 0
         while True:
             chunk = sock.recv(65536)
             if not chunk:
@@ -53,6 +61,11 @@ def post(url: str, payload: object, headers: dict[str, str], timeout: float = 20
                 elif isinstance(event, h2.events.DataReceived):
                     data += event.data
                     conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                    frames += 1
+                    if cut_after is not None and frames >= cut_after:
+                        conn.reset_stream(stream_id, error_code=8)  # CANCEL
+                        sock.sendall(conn.data_to_send())
+                        return H2Response(status, got, bytes(data), trailers)
                 elif isinstance(event, h2.events.TrailersReceived):
                     trailers = dict(event.headers)
                 elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):

@@ -567,3 +567,25 @@ def test_tei_rerank_and_classify(gw: Gateway) -> None:
         json={"model": "tei-embed-model", "query": "q", "documents": docs},
     )
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_an_http2_stream_the_client_resets_is_charged_what_passed(gw: Gateway, model: str) -> None:
+    """An HTTP/2 client gives up with RST_STREAM (no connection closes): the same settlement as
+    a cut HTTP/1.1 stream, and the ledger says the client disconnected."""
+    body = {"model": model, "messages": HELLO, "max_tokens": 200, "stream": True}
+    headers = {
+        "Authorization": f"Bearer {gw.key}",
+        "x-sim-itl-ms": "100",
+        "x-sim-output-tokens": "200",
+    }
+    r = h2client.post(gw.v1 + "/chat/completions", body, headers, cut_after=4)
+    assert r.status == 200
+    rid = r.headers["x-request-id"]
+    for _ in range(100):
+        debit = _ledger_debits(gw).get(rid)
+        if debit:
+            break
+        time.sleep(0.1)
+    assert debit and debit["reason"] == "client_disconnected", debit
+    assert 1 <= debit["tokens_out"] <= 8, debit
