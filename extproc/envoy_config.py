@@ -414,30 +414,37 @@ def _trailers_filter() -> dict[str, Any]:
     return _skipped_when(TRAILERS_FILTER, wasm, {"not_matcher": cued})
 
 
-def _settle_log() -> dict[str, Any]:
-    """Finished metered streams -> the processor's AccessLogService, which settles them."""
-    return {
-        "name": "envoy.access_loggers.http_grpc",
-        "filter": {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": METADATA_NS,
-                    "path": [{"key": "stream"}],
-                    "value": {"bool_match": True},
+def _settle_logs() -> list[dict[str, Any]]:
+    """Finished metered streams -> the processor's AccessLogService, which settles them.
+
+    Two loggers. Most streams go batched (up to 16 KB or 0.2 s of records a message: sent one
+    by one, a record cost the worker ~180 µs and the store ~55 µs more a stream). The streams
+    of a key with a concurrency or tokens-per-minute limit (the processor marks them
+    settle_now) go at once: their settlement frees the slot and the tokens the key's next
+    request needs, and batched a client streaming one request after another met 429s for up
+    to 0.2 s after each stream."""
+
+    def logger(name: str, now: bool) -> dict[str, Any]:
+        # the processor sets settle_now (true or false) on every metered stream, and on nothing
+        # else: the rest it settles itself
+        path = [{"key": "settle_now"}]
+        mark = {"filter": METADATA_NS, "path": path, "value": {"bool_match": now}}
+        return {
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": {"metadata_filter": {"matcher": mark, "match_if_key_not_found": False}},
+            "typed_config": {
+                "@type": _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": name,
+                    "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                    "transport_api_version": "V3",
+                    "buffer_flush_interval": "0.2s",
+                    "buffer_size_bytes": 0 if now else 16384,
                 },
-            }
-        },
-        "typed_config": {
-            "@type": _T + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": "tollgate_settle",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-                "transport_api_version": "V3",
-                "buffer_flush_interval": "0.2s",
-                "buffer_size_bytes": 16384,
             },
-        },
-    }
+        }
+
+    return [logger("tollgate_settle", False), logger("tollgate_settle_now", True)]
 
 
 def _ext_proc_mode(response_headers: str = "SKIP", response_body: str = "NONE") -> dict[str, Any]:
@@ -818,7 +825,7 @@ def render(cfg: GatewayConfig, native_meter: Path | None = None) -> dict[str, An
                 {"name": "tollgate", "domains": ["*"], "routes": _routes(cfg, native)}
             ],
         },
-        "access_log": [_settle_log()] if metered else [],
+        "access_log": _settle_logs() if metered else [],
         "http_filters": [
             *([_native_meter_filter(native_meter)] if native_meter and native else []),
             *([_lua_filter()] if metered else []),

@@ -33,6 +33,10 @@ from .tokens import estimate_prompt_tokens
 log = structlog.get_logger("tollgate.metering")
 
 
+# A refusal another stream's settlement may be about to lift is checked once more after this
+# long (Meter._recheck_after): that settlement comes at once (settle_now), or batched.
+RECHECK_NOW_S = 0.03
+RECHECK_BATCHED_S = 0.25
 GENERATIVE = ("chat", "completions")  # operations that generate tokens (max_tokens applies)
 
 
@@ -80,29 +84,53 @@ class Meter:
                 )
         else:
             cap = 0
-        res = await self.ledger.reserve(
-            ReserveRequest(
-                request_id=request_id,
-                account=principal.account,
-                key_hash=principal.key_hash,
-                key_prefix=principal.key_prefix,
-                model=model.id,
-                backend=backend_name,
-                prompt_tokens=prompt,
-                requested_max_tokens=requested,
-                cap=cap,
-                price=self.prices[model.id],
-                limits=principal.limits or self.default_limits,
-                ttl_ms=self.ttl_ms,
-                unit=unit,
-            )
+        req = ReserveRequest(
+            request_id=request_id,
+            account=principal.account,
+            key_hash=principal.key_hash,
+            key_prefix=principal.key_prefix,
+            model=model.id,
+            backend=backend_name,
+            prompt_tokens=prompt,
+            requested_max_tokens=requested,
+            cap=cap,
+            price=self.prices[model.id],
+            limits=principal.limits or self.default_limits,
+            ttl_ms=self.ttl_ms,
+            unit=unit,
         )
+        res = await self.ledger.reserve(req)
+        wait = self._recheck_after(res, principal)
+        if wait:  # a stream that just ended may not be settled yet: look once more
+            await asyncio.sleep(wait)
+            res = await self.ledger.reserve(req)
         if res.status == "ok":
             self.metrics.credits.inc("reserved", amount=res.amount)
             return res
         err = _refusal(res, requested is not None)
         self.metrics.refusals.inc(err.code)
         raise err
+
+    def _recheck_after(self, res: Reservation, principal: Any) -> float:
+        """Seconds to wait before reserving once more, or 0 (refuse now). A refusal for the
+        slot, the tokens or the money that another reservation of the account holds (pending)
+        may be one a finished stream's settlement is about to lift: it travels through Envoy's
+        access log, at once for keys with a concurrency or token limit (then 30 ms covers it),
+        else batched (up to 0.2 s). A refusal the settlement could not lift is not delayed."""
+        if res.pending <= 0:
+            return 0
+        if res.status in ("concurrency", "rate_limit_tokens"):
+            return RECHECK_NOW_S
+        if res.status == "insufficient_credits" and res.amount <= res.balance:
+            return RECHECK_NOW_S if self.settles_now(principal) else RECHECK_BATCHED_S
+        return 0
+
+    def settles_now(self, principal: Any) -> bool:
+        """Whether a stream of ``principal`` is settled as soon as it ends (its access-log
+        record unbatched, envoy_config._settle_logs): a key with a concurrency or tokens-per-
+        minute limit, whose next request needs the slot and the tokens the settlement frees."""
+        limits = principal.limits or self.default_limits
+        return limits.concurrency > 0 or limits.tpm > 0
 
     def settle_soon(
         self,

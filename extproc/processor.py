@@ -572,6 +572,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         "prompt_estimate": res.tokens - res.granted,
                     },
                 )
+                # which settling log takes its record: at once, or batched (envoy_config)
+                fields["settle_now"].bool_value = self.meter.settles_now(st.principal)
                 if st.trace is not None:  # the settling worker's span joins this trace
                     fields["trace_id"].string_value = st.trace[0].hex()
                     fields["span_id"].string_value = st.span_id.hex()

@@ -103,3 +103,26 @@ def test_one_sse_filter_with_or_without_tgi_backends() -> None:
         {"name": "tgi-b", "kind": "tgi", "endpoints": ["127.0.0.1:9"], "request_timeout": "10s"}
     )
     assert sse_filters(cfg) == ["envoy.filters.http.sse_to_metadata"]
+
+
+def test_two_settling_logs_split_by_the_settle_now_mark() -> None:
+    """Streams of limited keys (settle_now) go to the unbatched log, the others batched;
+    requests that are not metered streams go to neither."""
+    from extproc.config import parse_config
+
+    hcm = render(parse_config(base_config()))["static_resources"]["listeners"][0]
+    logs = hcm["filter_chains"][0]["filters"][0]["typed_config"]["access_log"]
+    settling = {
+        log["typed_config"]["common_config"]["log_name"]: log
+        for log in logs
+        if log["name"] == "envoy.access_loggers.http_grpc"
+    }
+    assert set(settling) == {"tollgate_settle", "tollgate_settle_now"}
+    for name, log in settling.items():
+        only = log["filter"]["metadata_filter"]
+        assert only["matcher"]["path"] == [{"key": "settle_now"}]
+        assert only["match_if_key_not_found"] is False  # set on metered streams only
+        now = name == "tollgate_settle_now"
+        assert only["matcher"]["value"] == {"bool_match": now}
+        size = log["typed_config"]["common_config"]["buffer_size_bytes"]
+        assert (size == 0) is now

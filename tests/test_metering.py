@@ -491,3 +491,49 @@ def test_the_store_allocator_keeps_an_operators_preload(monkeypatch: pytest.Monk
     assert store_allocator_env("auto") == {"LD_PRELOAD": f"/opt/profiler/libprof.so {lib}"}
     monkeypatch.delenv("LD_PRELOAD")
     assert store_allocator_env("auto") == {"LD_PRELOAD": str(lib)}
+
+
+def test_a_key_limited_to_one_at_a_time_can_stream_one_after_another(gateway: Gateway) -> None:
+    """A stream's settlement frees its concurrency slot through Envoy's access log: for a key
+    with a concurrency limit its record goes at once (not batched), and a refusal a settlement
+    may be about to lift is checked once more. So a client that streams one request after the
+    other never meets a 429; two at the same time still do."""
+    _, key = _account(gateway, "5", concurrency=1)
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    for _ in range(15):
+        stream = client.chat.completions.create(
+            model="sim-chat", messages=HELLO, max_tokens=4, stream=True
+        )
+        assert sum(1 for c in stream if c.choices and c.choices[0].delta.content) == 4
+    headers = {"Authorization": f"Bearer {key}", "x-sim-itl-ms": "100"}
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 10, "stream": True}
+    with httpx.stream("POST", gateway.v1 + "/chat/completions", headers=headers, json=body) as r:
+        assert r.status_code == 200
+        second = httpx.post(gateway.v1 + "/chat/completions", headers=headers, json=body)
+        assert second.status_code == 429, second.text
+        assert second.json()["error"]["code"] == "rate_limit_exceeded"
+        r.read()
+    _reconciles(gateway, key)
+
+
+def test_the_settling_log_carries_metered_streams_only(gateway: Gateway) -> None:
+    """A record per finished stream (batched, or at once for a limited key) and none for the
+    rest, which the processor settles itself: Envoy once built and sent one for every request."""
+
+    def written() -> int:
+        return gateway.envoy_stats("access_logs.grpc_access_log.logs_written").get(
+            "access_logs.grpc_access_log.logs_written", 0
+        )
+
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 3}
+    before = written()
+    for limits in ({}, {"concurrency": 4}):
+        _, key = _account(gateway, "1", **limits)
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.post(gateway.v1 + "/chat/completions", headers=auth, json=body).is_success
+        with httpx.stream(
+            "POST", gateway.v1 + "/chat/completions", headers=auth, json={**body, "stream": True}
+        ) as r:
+            r.read()
+        assert parse_credits(_wait_settled(gateway, key)["reserved"]) == 0
+    assert written() - before == 2
