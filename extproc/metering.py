@@ -47,6 +47,8 @@ class Meter:
         self.ttl_ms = int(cfg.metering.reservation_timeout_s * 1000)
         self.prices = {m.id: metered_price(m) for m in cfg.models}  # media: per unit (media.py)
         self.default_limits = cfg.metering.default_limits
+        # a recheck must leave Envoy's wait for the processor's answer most of its time
+        self._recheck_cap_s = cfg.processor.message_timeout_s / 4
         self._pending: set[asyncio.Task[Settlement]] = set()
 
     async def reserve(
@@ -100,7 +102,7 @@ class Meter:
             unit=unit,
         )
         res = await self.ledger.reserve(req)
-        wait = self._recheck_after(res, principal)
+        wait = min(self._recheck_after(res, principal), self._recheck_cap_s)
         if wait:  # a stream that just ended may not be settled yet: look once more
             await asyncio.sleep(wait)
             res = await self.ledger.reserve(req)

@@ -537,3 +537,32 @@ def test_the_settling_log_carries_metered_streams_only(gateway: Gateway) -> None
             r.read()
         assert parse_credits(_wait_settled(gateway, key)["reserved"]) == 0
     assert written() - before == 2
+
+
+def test_which_refusals_are_checked_once_more() -> None:
+    """Only a refusal a settlement on its way could lift waits (for the right log), and never
+    for more than a quarter of Envoy's wait for the processor."""
+    from types import SimpleNamespace
+
+    from extproc.config import Limits, parse_config
+    from extproc.ledger import Ledger, Reservation
+    from extproc.metering import RECHECK_BATCHED_S, RECHECK_NOW_S, Meter
+    from tests.harness import base_config
+
+    meter = Meter(parse_config(base_config()), Ledger.__new__(Ledger))
+    plain = SimpleNamespace(limits=Limits())
+    limited = SimpleNamespace(limits=Limits(concurrency=1))
+
+    def res(status: str, amount: int = 10, balance: int = 100, pending: int = 50) -> Reservation:
+        return Reservation(status, 0, amount, 0, -1, 0, -1, 0, 0, balance, pending, 0)
+
+    wait = meter._recheck_after
+    assert wait(res("concurrency"), limited) == RECHECK_NOW_S
+    assert wait(res("rate_limit_tokens"), limited) == RECHECK_NOW_S
+    assert wait(res("insufficient_credits"), limited) == RECHECK_NOW_S
+    assert wait(res("insufficient_credits"), plain) == RECHECK_BATCHED_S
+    assert wait(res("insufficient_credits", amount=101), plain) == 0  # the balance cannot pay
+    assert wait(res("concurrency", pending=0), limited) == 0  # nothing reserved to release
+    assert wait(res("rate_limit_requests"), limited) == 0  # a settlement never lifts it
+    short = parse_config({**base_config(), "processor": {"message_timeout": "0.4s"}})
+    assert Meter(short, Ledger.__new__(Ledger))._recheck_cap_s == 0.1
