@@ -203,6 +203,10 @@ class Meter:
         task.add_done_callback(self._pending.discard)
         return task
 
+    def void_soon(self, request_id: str, reason: str) -> None:
+        """Void the request's reservation, if it has one, without waiting."""
+        self.settle(request_id, None, 0, 0, reason).add_done_callback(self._settled)
+
     @staticmethod
     def _settled(future: asyncio.Future[Settlement]) -> None:
         if not future.cancelled() and future.exception() is not None:  # the sweeper charges it

@@ -27,6 +27,7 @@ when it fits Envoy's buffer limit; the rest streams to the backend.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -486,6 +487,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             log.error("store_unreachable", request_id=st.request_id, phase="reserve")
             raise _STORE_DOWN from None
+        except asyncio.CancelledError:
+            # Envoy closed the stream (the client left) while the store reserved: what it
+            # reserved would go unsettled until the sweeper charged it for a request never
+            # served. A void goes after the reservation on the same connection (none made, or
+            # refused: the store answers "unknown").
+            self.meter.void_soon(st.request_id, "client_disconnected")
+            raise
         finally:  # refusals (402/429) are traced too
             if phases is not None:
                 phases.append(("tollgate.reserve", t, time_ns()))

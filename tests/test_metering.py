@@ -566,3 +566,35 @@ def test_which_refusals_are_checked_once_more() -> None:
     assert wait(res("rate_limit_requests"), limited) == 0  # a settlement never lifts it
     short = parse_config({**base_config(), "processor": {"message_timeout": "0.4s"}})
     assert Meter(short, Ledger.__new__(Ledger))._recheck_cap_s == 0.1
+
+
+def test_a_client_that_leaves_while_the_store_reserves_is_not_charged(gateway: Gateway) -> None:
+    """The client gives up while the reservation is on its way to the store (held here with
+    CLIENT PAUSE): the worker's request is cancelled, and the reservation the store makes
+    afterwards is voided at once, not left for the sweeper to charge."""
+    from tests.harness import connect_sync
+
+    _, key = _account(gateway, "1")
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 5}
+    assert httpx.post(gateway.v1 + "/chat/completions", headers=auth, json=body).is_success
+    rid = "left-" + uuid.uuid4().hex
+    store = connect_sync(gateway.cfg.store_url)
+    store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # the key lookup is cached
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            gateway.v1 + "/chat/completions",
+            headers={**auth, "X-Request-ID": rid},
+            json=body,
+            timeout=0.5,
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        entry = next((e for e in _ledger(gateway, key) if e.get("request_id") == rid), None)
+        if entry is not None:
+            break
+        time.sleep(0.1)
+    assert entry is not None and entry["type"] == "void", entry
+    assert entry["reason"] == "client_disconnected"
+    assert parse_credits(_get(gateway, key, "/credits")["reserved"]) == 0
+    _reconciles(gateway, key)
