@@ -417,12 +417,13 @@ def _trailers_filter() -> dict[str, Any]:
 def _settle_logs() -> list[dict[str, Any]]:
     """Finished metered streams -> the processor's AccessLogService, which settles them.
 
-    Two loggers. Most streams go batched (up to 16 KB or 0.2 s of records a message: sent one
-    by one, a record cost the worker ~180 µs and the store ~55 µs more a stream). The streams
-    of a key with a concurrency or tokens-per-minute limit (the processor marks them
-    settle_now) go at once: their settlement frees the slot and the tokens the key's next
-    request needs, and batched a client streaming one request after another met 429s for up
-    to 0.2 s after each stream."""
+    Two loggers, both batched (up to 16 KB of records a message: sent one by one, a record
+    cost the worker ~180 µs and the store ~55 µs more a stream). Most streams wait up to 0.2 s
+    for their batch; the streams of a key with a concurrency or tokens-per-minute limit (the
+    processor marks them settle_now) at most 2 ms, as their settlement frees the slot and the
+    tokens the key's next request needs: at 0.2 s a client streaming one request after another
+    met 429s after each stream. Measured (stream.js, 64 VUs): 2 ms costs no more than 0.2 s
+    (1,270 against 1,246 req/s), one record a message 13% of the throughput."""
 
     def logger(name: str, now: bool) -> dict[str, Any]:
         # the processor sets settle_now (true or false) on every metered stream, and on nothing
@@ -438,8 +439,8 @@ def _settle_logs() -> list[dict[str, Any]]:
                     "log_name": name,
                     "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
                     "transport_api_version": "V3",
-                    "buffer_flush_interval": "0.2s",
-                    "buffer_size_bytes": 0 if now else 16384,
+                    "buffer_flush_interval": "0.002s" if now else "0.2s",
+                    "buffer_size_bytes": 16384,
                 },
             },
         }

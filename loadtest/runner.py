@@ -67,6 +67,7 @@ def gateway_config(
     otlp: str | None = None,
     sample_ratio: float = 1.0,
     stream_trailers: bool = True,
+    limited: bool = False,
 ) -> dict[str, Any]:
     simulate = {
         "ttft_ms": 0,
@@ -78,7 +79,13 @@ def gateway_config(
     paced = {**simulate, "itl_ms": PACED_ITL_MS}
     price = {"input_per_1m": 1, "output_per_1m": 2}
     return {
-        "metering": {"enabled": metered, "stream_trailers": stream_trailers},
+        "metering": {
+            "enabled": metered,
+            "stream_trailers": stream_trailers,
+            # a concurrency limit no run reaches: what a limited key's streams cost (their
+            # settlement goes unbatched, envoy_config._settle_logs)
+            **({"default_limits": {"concurrent_requests": 1_000_000}} if limited else {}),
+        },
         **({"tracing": {"otlp_endpoint": otlp, "sample_ratio": sample_ratio}} if otlp else {}),
         "listener": {"port": free_port()},
         "processor": {
@@ -416,6 +423,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     "unmetered": {"metered": False},
     "gateway": {"metered": True},
     "no-trailers": {"metered": True, "stream_trailers": False},
+    "limited": {"metered": True, "limited": True},
     "quiet": {"metered": True, "metrics": False},
     "traced": {"metered": True, "traced": True},
 }

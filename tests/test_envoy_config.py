@@ -106,7 +106,8 @@ def test_one_sse_filter_with_or_without_tgi_backends() -> None:
 
 
 def test_two_settling_logs_split_by_the_settle_now_mark() -> None:
-    """Streams of limited keys (settle_now) go to the unbatched log, the others batched;
+    """Streams of limited keys (settle_now) go to the log that flushes within 2 ms, the others
+    to the one that waits up to 0.2 s;
     requests that are not metered streams go to neither."""
     from extproc.config import parse_config
 
@@ -124,5 +125,6 @@ def test_two_settling_logs_split_by_the_settle_now_mark() -> None:
         assert only["match_if_key_not_found"] is False  # set on metered streams only
         now = name == "tollgate_settle_now"
         assert only["matcher"]["value"] == {"bool_match": now}
-        size = log["typed_config"]["common_config"]["buffer_size_bytes"]
-        assert (size == 0) is now
+        common = log["typed_config"]["common_config"]
+        assert common["buffer_size_bytes"] == 16384  # batched, both
+        assert common["buffer_flush_interval"] == ("0.002s" if now else "0.2s")
