@@ -258,16 +258,12 @@ function envoy_on_response(handle)
   local first = true
   local usage = { n = 0 }
   -- until the first token or usage: a stream cut in the queue or the prefill is charged its
-  -- prompt (as estimated), not its reservation
+  -- prompt (as estimated), not its reservation (nothing else writes a metered stream's usage)
   local meta0 = handle:streamInfo():dynamicMetadata()
-  local had = meta0:get("tollgate.usage")
-  local counted_was = nil
-  if had == nil or had["prompt_tokens"] == nil then
-    counted_was = 1
-    meta0:set("tollgate.usage", "prompt_tokens", md["prompt_estimate"] or 0)
-    meta0:set("tollgate.usage", "completion_tokens", 0)
-    meta0:set("tollgate.usage", "counted", 1)
-  end
+  meta0:set("tollgate.usage", "prompt_tokens", md["prompt_estimate"] or 0)
+  meta0:set("tollgate.usage", "completion_tokens", 0)
+  meta0:set("tollgate.usage", "counted", 1)
+  local counted_was = 1
   for chunk in handle:bodyChunks() do
     if first then
       -- The backend's first body chunk comes with its first token: time to first token

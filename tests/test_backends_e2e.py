@@ -64,6 +64,15 @@ def _ledger_debits(gw: Gateway) -> dict[str, dict]:
     return {e["request_id"]: e for e in r.json()["data"] if e.get("type") == "debit"}
 
 
+def _debit_for(gw: Gateway, rid: str) -> dict:
+    for _ in range(100):
+        debit = _ledger_debits(gw).get(rid)
+        if debit:
+            return debit
+        time.sleep(0.1)
+    raise AssertionError(f"no debit for {rid}")
+
+
 @pytest.mark.parametrize("model", CHAT_MODELS)
 def test_same_sdk_script_on_every_chat_backend(sdk: openai.OpenAI, gw: Gateway, model: str) -> None:
     raw = sdk.chat.completions.with_raw_response.create(model=model, messages=HELLO, max_tokens=8)
@@ -226,12 +235,8 @@ def test_a_cut_stream_is_charged_for_what_it_generated_on_every_backend(
         if got == 5:
             break
     stream.close()
-    for _ in range(100):
-        debit = _ledger_debits(gw).get(rid)
-        if debit:
-            break
-        time.sleep(0.1)
-    assert debit and debit["reason"] == "client_disconnected", debit
+    debit = _debit_for(gw, rid)
+    assert debit["reason"] == "client_disconnected", debit
     # what passed Envoy before it saw the cut (100 ms apart: a loaded machine may pass one more)
     assert 5 <= debit["tokens_out"] <= 8, debit
     if model != "vllm-model":  # TGI's stream says nothing of the prompt: the estimate
@@ -243,15 +248,6 @@ def test_a_cut_stream_is_charged_for_what_it_generated_on_every_backend(
     assert debit["amount"] == "-" + format_credits(
         token_cost(price, debit["tokens_in"], debit["tokens_out"])
     )
-
-
-def _debit_for(gw: Gateway, rid: str) -> dict:
-    for _ in range(100):
-        debit = _ledger_debits(gw).get(rid)
-        if debit:
-            return debit
-        time.sleep(0.1)
-    raise AssertionError(f"no debit for {rid}")
 
 
 @pytest.mark.parametrize("model", ("tgi-native-model", "tgi-messages-model"))
@@ -311,13 +307,8 @@ def test_a_stream_cut_before_its_first_token_is_charged_its_prompt(gw: Gateway, 
     ) as r:
         assert r.status_code == 200 and time.monotonic() - t0 < 2.5  # headers before the token
         rid = r.headers["x-request-id"]
-    entry = None
-    for _ in range(100):
-        entry = _ledger_debits(gw).get(rid)
-        if entry:
-            break
-        time.sleep(0.1)
-    assert entry is not None and entry["reason"] == "client_disconnected", entry
+    entry = _debit_for(gw, rid)
+    assert entry["reason"] == "client_disconnected", entry
     prompt = estimate_prompt_tokens("chat", body)
     assert (entry["tokens_in"], entry["tokens_out"]) == (prompt, 0), entry
     assert entry["counted"] is True
@@ -582,10 +573,6 @@ def test_an_http2_stream_the_client_resets_is_charged_what_passed(gw: Gateway, m
     r = h2client.post(gw.v1 + "/chat/completions", body, headers, cut_after=4)
     assert r.status == 200
     rid = r.headers["x-request-id"]
-    for _ in range(100):
-        debit = _ledger_debits(gw).get(rid)
-        if debit:
-            break
-        time.sleep(0.1)
-    assert debit and debit["reason"] == "client_disconnected", debit
+    debit = _debit_for(gw, rid)
+    assert debit["reason"] == "client_disconnected", debit
     assert 1 <= debit["tokens_out"] <= 8, debit
