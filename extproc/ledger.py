@@ -28,11 +28,14 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+import structlog
 
 from . import store, store_scripts
 from .config import Limits
 from .money import Price
 from .resp import ScriptClient
+
+log = structlog.get_logger("tollgate.ledger")
 
 MAX_EXACT = 2**53  # Lua numbers are doubles: every amount and product must stay below this
 
@@ -119,8 +122,17 @@ class Ledger:
         """``fast``: a pipelined client for reserve/settle (the request path's two calls)."""
         self._client = client
         self._scripts = store_scripts.register(client, fast)
+        # one connection, in order: a call sent after a reserve reaches the store after it
+        self._ordered = fast is not None
+        self._voids: set[asyncio.Task[Settlement]] = set()
 
-    async def reserve(self, req: ReserveRequest, now_ms: int | None = None) -> Reservation:
+    async def reserve(
+        self, req: ReserveRequest, now_ms: int | None = None, abandoned_reason: str = ""
+    ) -> Reservation:
+        """``abandoned_reason``: if the caller is cancelled while the store reserves, a
+        reservation the store makes anyway is voided with this reason (on the pipelined client
+        the caller's own void follows it on the same connection; on a pool of connections,
+        as with ``rediss://``, that void may overtake it, so this one waits for the answer)."""
         now = _now(now_ms)
         requested = req.requested_max_tokens or 0
         if min(req.prompt_tokens, requested, req.cap) < 0 or req.ttl_ms <= 0:
@@ -147,11 +159,40 @@ class Ledger:
             req.limits.rpm, req.limits.tpm, req.limits.concurrency,
             now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash), req.unit,
         ]  # fmt: skip
-        reply = await self._scripts.reserve(keys=keys, args=args)
+        call = self._scripts.reserve(keys=keys, args=args)
+        if abandoned_reason and not self._ordered:
+            reply = await self._void_if_abandoned(call, req.request_id, abandoned_reason)
+        else:
+            reply = await call
         res = Reservation(_str(reply[0]), *map(int, reply[1:12]))
         res.unit = req.unit
         res.tokens = req.prompt_tokens + res.granted if req.unit == "tokens" else 0
         return res
+
+    async def _void_if_abandoned(self, call: Any, request_id: str, reason: str) -> Any:
+        """``call``'s reply, awaited shielded: if the caller is cancelled meanwhile, the call
+        still completes, and a reservation it made is voided then."""
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._void_made(t, request_id, reason))
+            raise
+
+    def _void_made(self, reserved: asyncio.Future[Any], request_id: str, reason: str) -> None:
+        if reserved.cancelled() or reserved.exception() is not None:
+            return  # nothing reserved, or the sweeper settles it
+        if _str(reserved.result()[0]) != "ok":
+            return  # refused: nothing to release
+        void = asyncio.ensure_future(self.settle(request_id, None, None, 0, -1, reason))
+        self._voids.add(void)  # a reference until it is done
+
+        def done(t: asyncio.Task[Settlement]) -> None:
+            self._voids.discard(t)
+            if not t.cancelled() and t.exception() is not None:  # the sweeper charges it
+                log.error("abandoned_void_failed", request_id=request_id, error=str(t.exception()))
+
+        void.add_done_callback(done)
 
     async def settle(
         self,

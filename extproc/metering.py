@@ -33,10 +33,14 @@ from .tokens import estimate_prompt_tokens
 log = structlog.get_logger("tollgate.metering")
 
 
-# A refusal another stream's settlement may be about to lift is checked once more after this
-# long (Meter._recheck_after): that settlement comes at once (settle_now), or batched.
+# A refusal another stream's settlement may be about to lift is checked again after this long
+# (Meter._rechecks): that settlement comes at once (settle_now), or batched.
 RECHECK_NOW_S = 0.03
 RECHECK_BATCHED_S = 0.25
+# A stream reserved when the account's available credits could pay fewer than this many more
+# reservations like it settles at once: the next request may need the money it holds.
+LOW_BALANCE_RESERVATIONS = 4
+ABANDONED = "client_disconnected"  # the void's reason when a reserve's caller is cancelled
 GENERATIVE = ("chat", "completions")  # operations that generate tokens (max_tokens applies)
 
 
@@ -101,11 +105,20 @@ class Meter:
             ttl_ms=self.ttl_ms,
             unit=unit,
         )
-        res = await self.ledger.reserve(req)
-        wait = min(self._recheck_after(res, principal), self._recheck_cap_s)
-        if wait:  # a stream that just ended may not be settled yet: look once more
-            await asyncio.sleep(wait)
-            res = await self.ledger.reserve(req)
+        # a worker cancelled here (Envoy closed the stream: the client left) does not leave
+        # the reservation for the sweeper to charge (processor._reserve, Ledger.reserve)
+        res = await self.ledger.reserve(req, abandoned_reason=ABANDONED)
+        if res.status != "ok":  # a stream that just ended may not be settled yet: look again
+            left = self._recheck_cap_s
+            for wait in self._rechecks(res, principal):
+                wait = min(wait, left)
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+                left -= wait
+                res = await self.ledger.reserve(req, abandoned_reason=ABANDONED)
+                if res.status == "ok" or not self._rechecks(res, principal):
+                    break
         if res.status == "ok":
             self.metrics.credits.inc("reserved", amount=res.amount)
             return res
@@ -113,26 +126,38 @@ class Meter:
         self.metrics.refusals.inc(err.code)
         raise err
 
-    def _recheck_after(self, res: Reservation, principal: Any) -> float:
-        """Seconds to wait before reserving once more, or 0 (refuse now). A refusal for the
-        slot, the tokens or the money that another reservation of the account holds (pending)
-        may be one a finished stream's settlement is about to lift: it travels through Envoy's
-        access log, at once for keys with a concurrency or token limit (then 30 ms covers it),
-        else batched (up to 0.2 s). A refusal the settlement could not lift is not delayed."""
+    def _rechecks(self, res: Reservation, principal: Any) -> tuple[float, ...]:
+        """The waits (seconds) before each further reservation attempt; () to refuse now. A
+        refusal for the slot, the tokens or the money that another reservation of the account
+        holds (pending) may be one a finished stream's settlement is about to lift. It travels
+        through Envoy's access log: at once for the streams of keys with a concurrency or token
+        limit (then 30 ms covers it) and for streams reserved on a low balance, else batched
+        (up to 0.2 s). So a credits refusal of any other key looks at 30 ms and then at
+        0.25 s. A refusal no settlement could lift is not delayed."""
         if res.pending <= 0:
-            return 0
+            return ()
         if res.status in ("concurrency", "rate_limit_tokens"):
-            return RECHECK_NOW_S
+            return (RECHECK_NOW_S,)
         if res.status == "insufficient_credits" and res.amount <= res.balance:
-            return RECHECK_NOW_S if self.settles_now(principal) else RECHECK_BATCHED_S
-        return 0
+            if self.limited(principal):
+                return (RECHECK_NOW_S,)
+            return (RECHECK_NOW_S, RECHECK_BATCHED_S - RECHECK_NOW_S)
+        return ()
 
-    def settles_now(self, principal: Any) -> bool:
-        """Whether a stream of ``principal`` is settled as soon as it ends (its access-log
-        record unbatched, envoy_config._settle_logs): a key with a concurrency or tokens-per-
-        minute limit, whose next request needs the slot and the tokens the settlement frees."""
+    def limited(self, principal: Any) -> bool:
+        """A key with a concurrency or tokens-per-minute limit: its next request needs the slot
+        and the tokens a finished stream's settlement frees."""
         limits = principal.limits or self.default_limits
         return limits.concurrency > 0 or limits.tpm > 0
+
+    def settles_now(self, principal: Any, res: Reservation) -> bool:
+        """Whether a stream is settled as soon as it ends (its access-log record unbatched,
+        envoy_config._settle_logs): a limited key's, and one whose reservation left the account
+        less than LOW_BALANCE_RESERVATIONS times its amount (the next request may be refused
+        for the money it holds, until it is settled)."""
+        if self.limited(principal):
+            return True
+        return res.available < LOW_BALANCE_RESERVATIONS * res.amount
 
     def settle_soon(
         self,

@@ -134,6 +134,12 @@ class Metrics:
         self.refusals = Counter(
             "tollgate_refusals_total", "Requests refused by metering, by code.", ("code",)
         )
+        self.settle_records = Counter(
+            "tollgate_settle_records_total",
+            "Finished metered streams from Envoy's settling access logs, by log: tollgate_settle"
+            " (batched, up to 0.2 s) or tollgate_settle_now (2 ms batches).",
+            ("log",),
+        )
 
         if not enabled:
             for metric in self._all():
@@ -153,6 +159,7 @@ class Metrics:
             self.credits,
             self.expired,
             self.refusals,
+            self.settle_records,
         )
 
     def render(self) -> bytes:

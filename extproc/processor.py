@@ -67,7 +67,7 @@ from .envoy_config import (
 from .errors import GatewayError
 from .ledger import Reservation
 from .media import FormUpload
-from .metering import GENERATIVE, Meter, rate_headers, settled_headers
+from .metering import ABANDONED, GENERATIVE, Meter, rate_headers, settled_headers
 from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
 from .tracing import Phase, TraceParent, Tracing
@@ -491,8 +491,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             # Envoy closed the stream (the client left) while the store reserved: what it
             # reserved would go unsettled until the sweeper charged it for a request never
             # served. A void goes after the reservation on the same connection (none made, or
-            # refused: the store answers "unknown").
-            self.meter.void_soon(st.request_id, "client_disconnected")
+            # refused: the store answers "unknown"); on a pool of connections (rediss://),
+            # where it may overtake the reservation, Ledger.reserve voids it once made.
+            self.meter.void_soon(st.request_id, ABANDONED)
             raise
         finally:  # refusals (402/429) are traced too
             if phases is not None:
@@ -581,7 +582,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     },
                 )
                 # which settling log takes its record: at once, or batched (envoy_config)
-                fields["settle_now"].bool_value = self.meter.settles_now(st.principal)
+                fields["settle_now"].bool_value = self.meter.settles_now(st.principal, res)
                 if st.trace is not None:  # the settling worker's span joins this trace
                     fields["trace_id"].string_value = st.trace[0].hex()
                     fields["span_id"].string_value = st.span_id.hex()

@@ -59,7 +59,10 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
     async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsResponse
 
+        log_name = "-"  # the logger's name comes in a stream's first message
         async for message in request_iterator:
+            if message.HasField("identifier"):
+                log_name = message.identifier.log_name or "-"
             # A batch's settlements go out together (one write, pipelined), then are read back.
             # Only the fields used are read: a record is settled in ~20 µs of Python.
             sent = []
@@ -94,6 +97,7 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 t0 = time_ns()
                 settling = self.meter.settle(rid, usage, status, 0, reason)
                 sent.append((entry, fm, md, usage, status, reason, t0, settling))
+            self.metrics.settle_records.inc(log_name, amount=len(sent))
             for entry, fm, md, usage, status, reason, t0, settling in sent:
                 try:
                     settled = await settling

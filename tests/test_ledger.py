@@ -714,3 +714,34 @@ async def test_bytes_client(valkey_url: str) -> None:
         assert total == balance
     finally:
         await client.aclose()
+
+
+async def test_an_abandoned_reserve_on_a_pool_of_connections_is_voided_once_made(
+    ledger: Ledger, client: redis.asyncio.Redis
+) -> None:
+    """On redis-py's pool (a rediss:// store: no pipelined client) a void sent after a reserve
+    may reach the store first and find nothing. So a reserve whose caller is cancelled while the
+    store holds it (CLIENT PAUSE here) completes anyway, and what it reserved is voided then:
+    nothing is left for the sweeper to charge."""
+    await ledger.grant("acme", 10**6)
+    await client.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+    call = asyncio.ensure_future(ledger.reserve(request("gone"), abandoned_reason="client_gone"))
+    await asyncio.sleep(0.1)  # sent, and held
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # the processor's own void, on another connection: before or after the reservation
+    crossing = asyncio.ensure_future(ledger.settle("gone", None, None, 0, -1, "client_gone"))
+    assert (await crossing).status in ("unknown", "ok")
+    for _ in range(100):
+        entries = [e for e in await ledger.transactions("acme") if e.get("request_id") == "gone"]
+        if entries:
+            break
+        await asyncio.sleep(0.05)
+    assert [(e["type"], e["amount"], e["reason"]) for e in entries] == [("void", 0, "client_gone")]
+    assert (await ledger.balance("acme")).pending == 0
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == 10**6
+    # a caller that is not cancelled keeps its reservation
+    assert (await ledger.reserve(request("kept"), abandoned_reason="client_gone")).ok
+    assert (await ledger.balance("acme")).pending > 0

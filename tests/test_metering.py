@@ -539,33 +539,77 @@ def test_the_settling_log_carries_metered_streams_only(gateway: Gateway) -> None
     assert written() - before == 2
 
 
-def test_which_refusals_are_checked_once_more() -> None:
+def test_which_refusals_are_checked_again_and_which_streams_settle_at_once() -> None:
     """Only a refusal a settlement on its way could lift waits (for the right log), and never
-    for more than a quarter of Envoy's wait for the processor."""
+    for more than a quarter of Envoy's wait for the processor; a limited key's streams, and
+    those reserved on a low balance, settle at once."""
     from types import SimpleNamespace
 
     from extproc.config import Limits, parse_config
     from extproc.ledger import Ledger, Reservation
-    from extproc.metering import RECHECK_BATCHED_S, RECHECK_NOW_S, Meter
+    from extproc.metering import LOW_BALANCE_RESERVATIONS, RECHECK_BATCHED_S, RECHECK_NOW_S, Meter
     from tests.harness import base_config
 
     meter = Meter(parse_config(base_config()), Ledger.__new__(Ledger))
     plain = SimpleNamespace(limits=Limits())
     limited = SimpleNamespace(limits=Limits(concurrency=1))
 
-    def res(status: str, amount: int = 10, balance: int = 100, pending: int = 50) -> Reservation:
-        return Reservation(status, 0, amount, 0, -1, 0, -1, 0, 0, balance, pending, 0)
+    def res(
+        status: str, amount: int = 10, balance: int = 100, pending: int = 50, available: int = 0
+    ) -> Reservation:
+        return Reservation(status, 0, amount, 0, -1, 0, -1, 0, 0, balance, pending, available)
 
-    wait = meter._recheck_after
-    assert wait(res("concurrency"), limited) == RECHECK_NOW_S
-    assert wait(res("rate_limit_tokens"), limited) == RECHECK_NOW_S
-    assert wait(res("insufficient_credits"), limited) == RECHECK_NOW_S
-    assert wait(res("insufficient_credits"), plain) == RECHECK_BATCHED_S
-    assert wait(res("insufficient_credits", amount=101), plain) == 0  # the balance cannot pay
-    assert wait(res("concurrency", pending=0), limited) == 0  # nothing reserved to release
-    assert wait(res("rate_limit_requests"), limited) == 0  # a settlement never lifts it
+    waits = meter._rechecks
+    assert waits(res("concurrency"), limited) == (RECHECK_NOW_S,)
+    assert waits(res("rate_limit_tokens"), limited) == (RECHECK_NOW_S,)
+    assert waits(res("insufficient_credits"), limited) == (RECHECK_NOW_S,)
+    # the money may be held by a stream reserved on a low balance (settled at once) or by one
+    # settled in a batch: 30 ms, then 0.25 s in all
+    both = waits(res("insufficient_credits"), plain)
+    assert both[0] == RECHECK_NOW_S and sum(both) == pytest.approx(RECHECK_BATCHED_S)
+    assert waits(res("insufficient_credits", amount=101), plain) == ()  # the balance cannot pay
+    assert waits(res("concurrency", pending=0), limited) == ()  # nothing reserved to release
+    assert waits(res("rate_limit_requests"), limited) == ()  # a settlement never lifts it
     short = parse_config({**base_config(), "processor": {"message_timeout": "0.4s"}})
     assert Meter(short, Ledger.__new__(Ledger))._recheck_cap_s == 0.1
+
+    low = LOW_BALANCE_RESERVATIONS * 10
+    assert meter.settles_now(limited, res("ok", available=10**9))
+    assert meter.settles_now(SimpleNamespace(limits=Limits(tpm=1000)), res("ok", available=10**9))
+    assert not meter.settles_now(plain, res("ok", available=low))
+    assert meter.settles_now(plain, res("ok", available=low - 1))
+    assert not meter.settles_now(plain, res("ok", amount=0, available=0))  # free: nothing held
+
+
+def test_a_nearly_empty_balance_streams_one_request_after_another(gateway: Gateway) -> None:
+    """Streams reserved on a low balance settle at once (the settling log that flushes every
+    2 ms, not the batched one), so a client streaming one request after the other on the last
+    of its credits finds each earlier stream settled and is served until they run out, then
+    gets 402; nothing is lost on the way."""
+    from extproc.tokens import estimate_prompt_tokens
+    from tests.test_metrics import _value
+
+    account, key = _account(gateway)
+    auth = {"Authorization": f"Bearer {key}", "x-sim-output-tokens": "4"}
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 200, "stream": True}
+    price = gateway.cfg.models_by_id["sim-chat"].price
+    reserved = token_cost(price, estimate_prompt_tokens("chat", body), 200)
+    charged = token_cost(price, 8, 4)  # the simulator counts HELLO as 8 tokens
+    # enough for two: after the second charge what is left cannot pay the reservation
+    grant(str(gateway.stack.config_path), account, format_credits(reserved + charged * 3 // 2))
+    before = _value(gateway.metrics(), "tollgate_settle_records_total", log="tollgate_settle_now")
+    codes = []
+    for _ in range(4):
+        with httpx.stream("POST", gateway.v1 + "/chat/completions", headers=auth, json=body) as r:
+            r.read()
+            codes.append(r.status_code)
+    assert codes == [200, 200, 402, 402], codes
+    assert parse_credits(_wait_settled(gateway, key)["reserved"]) == 0
+    served = [e for e in _ledger(gateway, key) if e["type"] == "debit"]
+    assert [e["amount"] for e in served] == [f"-{format_credits(charged)}"] * 2
+    after = _value(gateway.metrics(), "tollgate_settle_records_total", log="tollgate_settle_now")
+    assert after - before == 2
+    _reconciles(gateway, key)
 
 
 def test_a_client_that_leaves_while_the_store_reserves_is_not_charged(gateway: Gateway) -> None:

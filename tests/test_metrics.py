@@ -47,6 +47,9 @@ def test_metrics_follow_requests(gateway: Gateway, client: openai.OpenAI) -> Non
     for phase in ("request_headers", "request_body", "response_headers"):
         assert delta("tollgate_processor_phase_seconds_count", phase=phase) >= 2
     assert delta("tollgate_request_duration_seconds_count", model="sim-chat") == 2
+    # the stream's record came through the batched settling log (no limits, a large balance)
+    assert delta("tollgate_settle_records_total", log="tollgate_settle") == 1
+    assert delta("tollgate_settle_records_total", log="tollgate_settle_now") == 0
     assert re.search(
         r'tollgate_processor_phase_seconds_bucket\{phase="request_body",le="\+Inf"\}', after
     )
