@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 
 from . import store, store_scripts
@@ -108,6 +110,20 @@ class Settlement:
     tpm_remaining: int
     written_off: int
     entry_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SettleCall:
+    """One request of ``Ledger.settle_many``: ``settle``'s arguments (now is the call's time)."""
+
+    request_id: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    status: int
+    latency_ms: int
+    reason: str = "settled"
+    charge_reserved: bool = False
+    counted: bool = False
 
 
 @dataclass(slots=True)
@@ -212,10 +228,11 @@ class Ledger:
         by a backend that reports no running usage): charge the reserved amount.
         ``latency_ms`` < 0: measure it from the reservation's creation. ``counted``: the tokens
         are the stream meter's count (the backend's usage never came), which the entry says."""
-        keys, args = _settle_call(
-            request_id, prompt_tokens, completion_tokens, status, latency_ms, reason, now_ms,
+        call = SettleCall(
+            request_id, prompt_tokens, completion_tokens, status, latency_ms, reason,
             charge_reserved, counted,
         )  # fmt: skip
+        keys, args = _settle_call(call, now_ms)
         return _settlement(await self._scripts.settle(keys=keys, args=args))
 
     def settle_soon(
@@ -234,21 +251,31 @@ class Ledger:
         soon = getattr(self._scripts.settle, "soon", None)
         if soon is None:
             return None
-        keys, args = _settle_call(
-            request_id, prompt_tokens, completion_tokens, status, latency_ms, reason, None,
+        call = SettleCall(
+            request_id, prompt_tokens, completion_tokens, status, latency_ms, reason,
             charge_reserved, counted,
         )  # fmt: skip
-        future: asyncio.Future[Settlement] = asyncio.get_running_loop().create_future()
+        keys, args = _settle_call(call, None)
+        return _sent(soon, keys, args, _settlement)
 
-        def answered(reply: Any, exc: BaseException | None) -> None:
-            if future.done():
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(_settlement(reply))
+    async def settle_many(self, calls: Sequence[SettleCall]) -> list[Settlement | Exception]:
+        """``settle`` for each call, in one script call (one round trip): a Settlement per call,
+        in order, or the exception its settlement failed with (the others are not affected)."""
+        if not calls:
+            return []
+        keys, args = _settle_many_call(calls)
+        return _settlements(await self._scripts.settle_many(keys=keys, args=args))
 
-        return future if soon(keys, args, answered) else None
+    def settle_many_soon(
+        self, calls: Sequence[SettleCall]
+    ) -> asyncio.Future[list[Settlement | Exception]] | None:
+        """``settle_many``, sent now: a future of its result (no task). None (nothing sent)
+        without the pipelined client or its open connection; then await ``settle_many``."""
+        soon = getattr(self._scripts.settle_many, "soon", None)
+        if soon is None:
+            return None
+        keys, args = _settle_many_call(calls)
+        return _sent(soon, keys, args, _settlements)
 
     async def sweep(self, now_ms: int | None = None, limit: int = 100) -> int:
         """Charge the reserved amount of up to ``limit`` timed-out reservations; how many."""
@@ -389,31 +416,65 @@ def _usage_record(entry: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _settle_call(
-    request_id: str,
-    prompt_tokens: int | None,
-    completion_tokens: int | None,
-    status: int,
-    latency_ms: int,
-    reason: str,
-    now_ms: int | None,
-    charge_reserved: bool,
-    counted: bool = False,
-) -> tuple[list[str], list[Any]]:
+def _settle_call(c: SettleCall, now_ms: int | None) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the settle script (store_scripts.SETTLE)."""
-    unknown = prompt_tokens is None or completion_tokens is None
-    keys = [store.reservation(request_id), store.done(request_id), store.reservations_due()]
-    args = [
-        request_id,
-        -2 if charge_reserved else -1 if unknown else prompt_tokens,
-        -2 if charge_reserved else -1 if unknown else completion_tokens,
-        status,
-        latency_ms,
+    rid = c.request_id
+    return [store.reservation(rid), store.done(rid), store.reservations_due()], _argv(c, now_ms)
+
+
+def _argv(c: SettleCall, now_ms: int | None) -> list[Any]:
+    """One request's 8 arguments, for SETTLE and for each request of SETTLE_MANY."""
+    unknown = c.prompt_tokens is None or c.completion_tokens is None
+    return [
+        c.request_id,
+        -2 if c.charge_reserved else -1 if unknown else c.prompt_tokens,
+        -2 if c.charge_reserved else -1 if unknown else c.completion_tokens,
+        c.status,
+        c.latency_ms,
         _now(now_ms),
-        reason,
-        1 if counted else 0,
+        c.reason,
+        1 if c.counted else 0,
     ]
-    return keys, args
+
+
+def _settle_many_call(calls: Sequence[SettleCall]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of store_scripts.SETTLE_MANY."""
+    args: list[Any] = [store.reservation_prefix(), store.done_prefix()]
+    for c in calls:
+        args += _argv(c, None)
+    return [store.reservations_due()], args
+
+
+def _settlements(reply: list[Any]) -> list[Settlement | Exception]:
+    """SETTLE_MANY's reply: a Settlement per request, or the error its settlement raised."""
+    out: list[Settlement | Exception] = []
+    for r in reply:
+        if _str(r[0]) == "error":
+            out.append(redis.exceptions.ResponseError(_str(r[1])))
+        else:
+            out.append(_settlement(r))
+    return out
+
+
+T = TypeVar("T")
+
+
+def _sent(
+    soon: Callable[..., bool], keys: list[str], args: list[Any], parse: Callable[[Any], T]
+) -> asyncio.Future[T] | None:
+    """A script call sent now over the pipelined client (``FastScript.soon``): a future of its
+    parsed reply, or None when nothing was sent (no open connection)."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def answered(reply: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(parse(reply))
+
+    return future if soon(keys, args, answered) else None
 
 
 def _settlement(reply: list[Any]) -> Settlement:

@@ -24,7 +24,7 @@ import structlog
 
 from .config import GatewayConfig, Model
 from .errors import GatewayError
-from .ledger import Ledger, Reservation, ReserveRequest, Settlement
+from .ledger import Ledger, Reservation, ReserveRequest, SettleCall, Settlement
 from .media import UNITS, metered_price, reserved_units
 from .metrics import Metrics
 from .money import format_credits, token_cost
@@ -53,7 +53,7 @@ class Meter:
         self.default_limits = cfg.metering.default_limits
         # a recheck must leave Envoy's wait for the processor's answer most of its time
         self._recheck_cap_s = cfg.processor.message_timeout_s / 4
-        self._pending: set[asyncio.Task[Settlement]] = set()
+        self._pending: set[asyncio.Task[Any]] = set()
 
     async def reserve(
         self,
@@ -224,6 +224,35 @@ class Meter:
             counted=counted,
         )
         task = asyncio.ensure_future(awaited)
+        self._pending.add(task)  # a reference until it is done
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    def settle_many(
+        self, records: list[tuple[str, dict[str, Any] | None, int, str]]
+    ) -> asyncio.Future[list[Settlement | Exception]]:
+        """``settle`` for each (request_id, usage, status, reason) of a finished stream, in one
+        store call: a future of a Settlement per record, in order, or the exception that
+        record's settlement failed with. The store measures each latency from its reservation."""
+        calls = []
+        for request_id, usage, status, reason in records:
+            prompt, completion, served_unknown = _settle_args(usage, status)
+            calls.append(
+                SettleCall(
+                    request_id,
+                    prompt,
+                    completion,
+                    status,
+                    -1,
+                    reason,
+                    served_unknown,
+                    bool(usage and usage.get("counted")),
+                )
+            )
+        future = self.ledger.settle_many_soon(calls)
+        if future is not None:
+            return future
+        task = asyncio.ensure_future(self.ledger.settle_many(calls))
         self._pending.add(task)  # a reference until it is done
         task.add_done_callback(self._pending.discard)
         return task

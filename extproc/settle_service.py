@@ -1,10 +1,11 @@
 """Stream settlement inside each worker, fed by Envoy (no ext_proc message per chunk):
 
 * ``AccessLogService`` — Envoy's gRPC access logger streams a record for every finished metered
-  stream, batched (``envoy_config._settle_log``). The record carries the last usage
-  sse_to_metadata lifted out of the stream (the backend reports it on every chunk), so a stream
-  that ran to the end and one the client cut off are both charged for what was generated.
-  Settling is idempotent by request id.
+  stream, batched (``envoy_config._settle_logs``). The record carries the last usage the
+  stream meter read (vLLM reports it on every chunk; for other backends, a cut stream's counted
+  chunks), so a stream that ran to the end and one the client cut off are both charged for what
+  was generated. A message's records settle in one store call (``Ledger.settle_many``), each
+  idempotent by request id.
 * ``sweep_forever`` — reservations nobody settled (a worker or the store died in between) are
   charged at the reserved amount once they time out, with a ledger entry saying so; and ledger
   entries older than the retention are folded into a checkpoint entry.
@@ -63,9 +64,10 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
         async for message in request_iterator:
             if message.HasField("identifier"):
                 log_name = message.identifier.log_name or "-"
-            # A batch's settlements go out together (one write, pipelined), then are read back.
-            # Only the fields used are read: a record is settled in ~20 µs of Python.
-            sent = []
+            # A batch's records are settled in one store call (SETTLE_MANY), then each is
+            # counted. Only the fields used are read.
+            records: list[tuple[str, dict[str, float] | None, int, str]] = []
+            seen: list[tuple[Any, Any, Any, dict[str, float] | None, int, str]] = []
             for entry in message.http_logs.log_entry:
                 fm = entry.common_properties.metadata.filter_metadata
                 if METADATA_NS not in fm:
@@ -94,15 +96,24 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                     reason = "backend_cut_off"
                 else:
                     reason = "settled"
-                t0 = time_ns()
-                settling = self.meter.settle(rid, usage, status, 0, reason)
-                sent.append((entry, fm, md, usage, status, reason, t0, settling))
-            self.metrics.settle_records.inc(log_name, amount=len(sent))
-            for entry, fm, md, usage, status, reason, t0, settling in sent:
-                try:
-                    settled = await settling
-                except Exception:  # the sweeper charges the reservation later
-                    log.exception("log_settle_failed", request_id=_string(md, "request_id"))
+                records.append((rid, usage, status, reason))
+                seen.append((entry, fm, md, usage, status, reason))
+            if not records:
+                continue
+            self.metrics.settle_records.inc(log_name, amount=len(records))
+            t0 = time_ns()
+            try:
+                results = await self.meter.settle_many(records)
+            except Exception:  # the sweeper charges the reservations later
+                log.exception("log_settle_failed", records=len(records))
+                continue
+            for (entry, fm, md, usage, status, reason), settled in zip(seen, results, strict=True):
+                if isinstance(settled, Exception):  # the sweeper charges this one later
+                    log.error(
+                        "log_settle_failed",
+                        request_id=_string(md, "request_id"),
+                        error=str(settled),
+                    )
                     continue
                 model = _string(md, "model") or "-"
                 if self.tracing is not None and _string(md, "trace_id"):

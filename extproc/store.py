@@ -117,8 +117,13 @@ def reservations_due() -> str:
     return "tg:resv-due"
 
 
+def done_prefix() -> str:
+    """An earlier version's done markers share this prefix (SETTLE_MANY appends the id)."""
+    return "tg:done:"
+
+
 def done(request_id: str) -> str:
-    return f"tg:done:{request_id}"
+    return f"{done_prefix()}{request_id}"
 
 
 def grant_done(grant_id: str) -> str:

@@ -237,75 +237,113 @@ return reply('ok', granted, amount, 0)
 )
 
 # 2. settle: post the real amount, or void, exactly once.
-# KEYS: resv, done, due zset
-# ARGV: request_id, prompt_tokens, completion_tokens (-1 = unknown), http status, latency_ms,
-#       now_ms, reason, counted ('1': the tokens are the stream meter's count, the prompt its
-#       estimate; the debit's ledger entry says "counted": true)
+# settle_one's arguments: the reservation's key, its done key (an earlier version's marker), the
+# due zset; request_id, prompt_tokens, completion_tokens (-1 = unknown; -2 = served, usage
+# unknown: charge the reservation), http status, latency_ms (< 0: from the reservation's
+# creation), now_ms, reason, counted (true: the tokens are the stream meter's count, the prompt
+# its estimate; the debit's ledger entry says "counted": true).
 # Void (charge 0) when the usage is unknown, or when the backend failed (status >= 400) and no
 # tokens were used. Otherwise charge the price on the real tokens: below the reserved amount
 # usually, above it only if the backend overran max_tokens (capped at what is available).
 # Returns {status, charged, balance, pending, available, rpm_remaining, tpm_remaining,
 #          written_off, entry type}; status ok | duplicate (the first settlement's figures,
 #          nothing charged now) | unknown (no such reservation).
-SETTLE = (
+_SETTLE_ONE = (
     _POSTING
     + r"""
-local resv_key, done_key, due_key = KEYS[1], KEYS[2], KEYS[3]
-local rid, p, c = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local http_status, latency_ms, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local reason = ARGV[7]
-local counted = ARGV[8] == '1'  -- the tokens are the gateway's count, not the backend's
-
-local this_minute = math.floor(now / 60000)
--- window_minute, req, tok: the window post() read, reused when it is this minute's
-local function reply(status, charged, written_off, kind, rl_prefix, rpm, tpm, balance, pending,
-                     window_minute, req, tok)
-  if not (req and window_minute == this_minute) then
-    req, tok = window(rl_prefix .. int(this_minute), rpm, tpm)
+local function settle_one(resv_key, done_key, due_key, rid, p, c, http_status, latency_ms, now,
+                          reason, counted)
+  local this_minute = math.floor(now / 60000)
+  -- window_minute, req, tok: the window post() read, reused when it is this minute's
+  local function reply(status, charged, written_off, kind, rl_prefix, rpm, tpm, balance, pending,
+                       window_minute, req, tok)
+    if not (req and window_minute == this_minute) then
+      req, tok = window(rl_prefix .. int(this_minute), rpm, tpm)
+    end
+    return {status, charged, balance, pending, balance - pending, left(rpm, req), left(tpm, tok),
+            written_off, kind}
   end
-  return {status, charged, balance, pending, balance - pending, left(rpm, req), left(tpm, tok),
-          written_off, kind}
-end
 
-local got = redis.call('MGET', done_key, resv_key)
-local r, d
-if got[1] then  -- the done marker of an earlier version
-  d = cjson.decode(got[1])
-else
-  r, d = reservation(resv_key, got[2])
-end
-if d then
-  if d[1] == nil then  -- written by an earlier version, as an object
-    d = {d.charged, d.written_off, d.type, d.k_acct, d.k_rl_prefix, d.rpm, d.tpm}
-  end
-  local balance, pending = balances(d[4])
-  return reply('duplicate', tonumber(d[1]), tonumber(d[2]), d[3], d[5], tonumber(d[6]),
-               tonumber(d[7]), balance, pending)
-end
-if not r then return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''} end
-if latency_ms < 0 then latency_ms = now - tonumber(r.created_ms) end
-local known = p >= 0 and c >= 0
-local kind, amount_due, tin, tout = 'debit', 0, cjson.null, cjson.null
-local used = 0
-if p == -2 then
-  -- served, but the usage is unknown: charge the reservation (the worst case it covered)
-  amount_due, tin, tout = tonumber(r.amount), tonumber(r.prompt_est), tonumber(r.granted)
-  used = tonumber(r.tok_reserved)
-else
-  if known then tin, tout, used = p, c, p + c end
-  if r.unit ~= 'tokens' then used = 0 end
-  if not known or (http_status >= 400 and p + c == 0) then
-    kind = 'void'
+  local got = redis.call('MGET', done_key, resv_key)
+  local r, d
+  if got[1] then  -- the done marker of an earlier version
+    d = cjson.decode(got[1])
   else
-    amount_due = cost(tonumber(r.input_per_1m), tonumber(r.output_per_1m),
-                      tonumber(r.per_request), p, c)
+    r, d = reservation(resv_key, got[2])
+  end
+  if d then
+    if d[1] == nil then  -- written by an earlier version, as an object
+      d = {d.charged, d.written_off, d.type, d.k_acct, d.k_rl_prefix, d.rpm, d.tpm}
+    end
+    local balance, pending = balances(d[4])
+    return reply('duplicate', tonumber(d[1]), tonumber(d[2]), d[3], d[5], tonumber(d[6]),
+                 tonumber(d[7]), balance, pending)
+  end
+  if not r then return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''} end
+  if latency_ms < 0 then latency_ms = now - tonumber(r.created_ms) end
+  local known = p >= 0 and c >= 0
+  local kind, amount_due, tin, tout = 'debit', 0, cjson.null, cjson.null
+  local used = 0
+  if p == -2 then
+    -- served, but the usage is unknown: charge the reservation (the worst case it covered)
+    amount_due, tin, tout = tonumber(r.amount), tonumber(r.prompt_est), tonumber(r.granted)
+    used = tonumber(r.tok_reserved)
+  else
+    if known then tin, tout, used = p, c, p + c end
+    if r.unit ~= 'tokens' then used = 0 end
+    if not known or (http_status >= 400 and p + c == 0) then
+      kind = 'void'
+    else
+      amount_due = cost(tonumber(r.input_per_1m), tonumber(r.output_per_1m),
+                        tonumber(r.per_request), p, c)
+    end
+  end
+  local charge, balance, pending, written_off, req, tok = post(
+    rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, used, http_status,
+    latency_ms, now, counted and kind == 'debit')
+  return reply('ok', charge, written_off, kind, r.k_rl_prefix, tonumber(r.rpm), tonumber(r.tpm),
+               balance, pending, tonumber(r.minute), req, tok)
+end
+"""
+)
+
+# 2a. settle one request.
+# KEYS: resv, done, due zset
+# ARGV: request_id, prompt_tokens, completion_tokens, http status, latency_ms, now_ms, reason,
+#       counted ('1' or '0'); as settle_one. Returns settle_one's reply.
+SETTLE = (
+    _SETTLE_ONE
+    + r"""
+return settle_one(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
+                  tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7],
+                  ARGV[8] == '1')
+"""
+)
+
+# 2b. settle many requests in one call (a batch of the settling access log): one round trip
+# and one script call instead of one per request, each request settled exactly as by SETTLE.
+# A request whose settlement fails (a Lua error) does not stop the others: its reply is
+# {'error', message}; what it wrote before the error stays, and the sweeper resolves it.
+# KEYS: due zset.  ARGV: reservation key prefix, done key prefix, then SETTLE's 8 arguments
+# for each request in turn.  Returns one settle_one reply per request, in order.
+SETTLE_MANY = (
+    _SETTLE_ONE
+    + r"""
+local due_key, resv_prefix, done_prefix = KEYS[1], ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV, 8 do
+  local rid = ARGV[i]
+  local ok, res = pcall(settle_one, resv_prefix .. rid, done_prefix .. rid, due_key, rid,
+                        tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+                        tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), ARGV[i + 6],
+                        ARGV[i + 7] == '1')
+  if ok then
+    out[#out + 1] = res
+  else
+    out[#out + 1] = {'error', tostring(res)}
   end
 end
-local charge, balance, pending, written_off, req, tok = post(
-  rid, resv_key, r, due_key, amount_due, kind, reason, tin, tout, used, http_status, latency_ms,
-  now, counted and kind == 'debit')
-return reply('ok', charge, written_off, kind, r.k_rl_prefix, tonumber(r.rpm), tonumber(r.tpm),
-             balance, pending, tonumber(r.minute), req, tok)
+return out
 """
 )
 
@@ -444,6 +482,7 @@ def _with_constants(source: str) -> str:
 class Scripts:
     reserve: Any  # redis-py AsyncScript or resp.FastScript: await s(keys=[...], args=[...])
     settle: Any
+    settle_many: Any
     sweep: Any
     grant: Any
     fold: Any
@@ -452,11 +491,14 @@ class Scripts:
 def register(client: aioredis.Redis, fast: ScriptClient | None = None) -> Scripts:
     """Register the scripts on a client: calls use EVALSHA and load the script on NOSCRIPT.
 
-    With ``fast``, the hot path's scripts (reserve, settle) go through the pipelined client."""
+    With ``fast``, the hot path's scripts (reserve, settle, settle_many) go through the pipelined
+    client."""
     reserve, settle = _with_constants(RESERVE), _with_constants(SETTLE)
+    many = _with_constants(SETTLE_MANY)
     return Scripts(
         reserve=FastScript(fast, reserve) if fast else client.register_script(reserve),
         settle=FastScript(fast, settle) if fast else client.register_script(settle),
+        settle_many=FastScript(fast, many) if fast else client.register_script(many),
         sweep=client.register_script(_with_constants(SWEEP)),
         grant=client.register_script(_with_constants(GRANT)),
         fold=client.register_script(_with_constants(FOLD)),

