@@ -323,9 +323,12 @@ return settle_one(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), tonumbe
 # 2b. settle many requests in one call (a batch of the settling access log): one round trip
 # and one script call instead of one per request, each request settled exactly as by SETTLE.
 # A request whose settlement fails (a Lua error) does not stop the others: its reply is
-# {'error', message}; what it wrote before the error stays, and the sweeper resolves it.
+# {'error', message}. What it wrote before the error stays, as with SETTLE (Valkey rolls no
+# script back); the realistic errors (a corrupt record) come before any write.
 # KEYS: due zset.  ARGV: reservation key prefix, done key prefix, then SETTLE's 8 arguments
 # for each request in turn.  Returns one settle_one reply per request, in order.
+# The store runs nothing else meanwhile: ~20 µs a request, and a 16 KB access-log message
+# (envoy_config._settle_logs) carries ~19 of them, so a reserve queued behind waits <0.5 ms.
 SETTLE_MANY = (
     _SETTLE_ONE
     + r"""
