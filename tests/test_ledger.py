@@ -853,3 +853,76 @@ async def test_settle_many_a_broken_record_does_not_stop_the_batch(
     assert not isinstance(b, Exception) and b.charged == token_cost(PRICE, 100, 20)
     assert (await ledger.balance("acme")).pending == 0
     assert await ledger.settle_many([]) == []
+
+
+async def test_the_settling_log_settles_a_message_once_a_record(
+    client: redis.asyncio.Redis, valkey_url: str
+) -> None:
+    """One access-log message, as Envoy sends it: each metered stream settled once (a record
+    repeated in it is a duplicate), records without a request id skipped, a broken one logged
+    while the rest settle, and the metrics counting what was settled."""
+    from envoy.service.accesslog.v3 import als_pb2
+
+    from extproc.config import parse_config
+    from extproc.metering import Meter
+    from extproc.metrics import Metrics
+    from extproc.resp import ScriptClient
+    from extproc.settle_service import SettleLog
+    from tests.harness import base_config
+
+    fast = ScriptClient(valkey_url)
+    ledger = Ledger(client, fast)
+    await ledger.grant("acme", 10**7)
+    for rid in ("s1", "s2", "cut", "broken"):
+        assert (await ledger.reserve(request(rid, model="sim-chat"))).ok
+    await client.set("tg:resv:broken", "not json")
+    metrics = Metrics()
+    meter = Meter(parse_config(base_config()), ledger, metrics)
+
+    message = als_pb2.StreamAccessLogsMessage()
+    message.identifier.log_name = "tollgate_settle"
+    records = [  # request id, prompt and completion tokens (None: no usage), status, cut
+        ("s1", 100, 16, 200, False),
+        ("s2", 90, 12, 200, False),
+        ("s1", 100, 16, 200, False),  # sent twice
+        ("cut", 100, 3, 200, True),
+        ("", 1, 1, 200, False),  # no request id: not a metered stream's record
+        ("broken", 1, 1, 200, False),
+        ("never", 1, 1, 200, False),
+    ]
+    for rid, p, c, status, cut in records:
+        e = message.http_logs.log_entry.add()
+        fm = e.common_properties.metadata.filter_metadata
+        md = fm["tollgate"].fields
+        md["model"].string_value = "sim-chat"
+        if rid:
+            md["request_id"].string_value = rid
+        fm["tollgate.usage"].fields["prompt_tokens"].number_value = p
+        fm["tollgate.usage"].fields["completion_tokens"].number_value = c
+        e.response.response_code.value = status
+        e.common_properties.response_flags.downstream_connection_termination = cut
+    second = als_pb2.StreamAccessLogsMessage()  # a later message: the same stream again
+    second.http_logs.log_entry.add().CopyFrom(message.http_logs.log_entry[0])
+
+    async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        yield message
+        yield second
+
+    await SettleLog(meter, metrics).StreamAccessLogs(stream(), None)
+
+    charged = {  # at the price the reservation recorded
+        "s1": token_cost(PRICE, 100, 16),
+        "s2": token_cost(PRICE, 90, 12),
+        "cut": token_cost(PRICE, 100, 3),
+    }
+    entries = {e["id"]: e for e in await ledger.transactions("acme") if e["type"] != "grant"}
+    assert {rid: -e["amount"] for rid, e in entries.items()} == charged
+    assert entries["cut"]["reason"] == "client_disconnected"
+    assert entries["s1"]["reason"] == "settled"
+    b = await ledger.balance("acme")
+    assert b.balance == 10**7 - sum(charged.values())
+    assert b.pending == token_cost(PRICE, 100, 50)  # the broken one's, for the sweeper
+    assert metrics.settle_records.values == {("tollgate_settle",): 7}
+    assert metrics.credits.values[("settled",)] == sum(charged.values())
+    assert metrics.tokens.values[("sim-chat", "output")] == 16 + 12 + 3  # s1 counted once
+    await fast.aclose()
