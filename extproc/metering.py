@@ -34,9 +34,10 @@ log = structlog.get_logger("tollgate.metering")
 
 
 # A refusal another stream's settlement may be about to lift is checked again after this long
-# (Meter._rechecks): that settlement comes at once (settle_now), or batched.
+# (Meter._rechecks): that settlement comes at once (settle_now, within 2 ms), or batched
+# (within 20 ms, envoy_config._settle_logs).
 RECHECK_NOW_S = 0.03
-RECHECK_BATCHED_S = 0.25
+RECHECK_BATCHED_S = 0.05
 # A stream reserved when the account's available credits could pay fewer than this many more
 # reservations like it settles at once: the next request may need the money it holds.
 LOW_BALANCE_RESERVATIONS = 4
@@ -132,8 +133,8 @@ class Meter:
         holds (pending) may be one a finished stream's settlement is about to lift. It travels
         through Envoy's access log: at once for the streams of keys with a concurrency or token
         limit (then 30 ms covers it) and for streams reserved on a low balance, else batched
-        (up to 0.2 s). So a credits refusal of any other key looks at 30 ms and then at
-        0.25 s. A refusal no settlement could lift is not delayed."""
+        (up to 20 ms). So a credits refusal of any other key looks again once, at 50 ms. A
+        refusal no settlement could lift is not delayed."""
         if res.pending <= 0:
             return ()
         if res.status in ("concurrency", "rate_limit_tokens"):
@@ -141,7 +142,7 @@ class Meter:
         if res.status == "insufficient_credits" and res.amount <= res.balance:
             if self.limited(principal):
                 return (RECHECK_NOW_S,)
-            return (RECHECK_NOW_S, RECHECK_BATCHED_S - RECHECK_NOW_S)
+            return (RECHECK_BATCHED_S,)
         return ()
 
     def limited(self, principal: Any) -> bool:

@@ -137,7 +137,7 @@ class Metrics:
         self.settle_records = Counter(
             "tollgate_settle_records_total",
             "Finished metered streams from Envoy's settling access logs, by log: tollgate_settle"
-            " (batched, up to 0.2 s) or tollgate_settle_now (2 ms batches).",
+            " (batched, up to 20 ms) or tollgate_settle_now (2 ms batches).",
             ("log",),
         )
 

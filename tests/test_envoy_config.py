@@ -127,4 +127,4 @@ def test_two_settling_logs_split_by_the_settle_now_mark() -> None:
         assert only["matcher"]["value"] == {"bool_match": now}
         common = log["typed_config"]["common_config"]
         assert common["buffer_size_bytes"] == 16384  # batched, both
-        assert common["buffer_flush_interval"] == ("0.002s" if now else "0.2s")
+        assert common["buffer_flush_interval"] == ("0.002s" if now else "0.02s")
