@@ -112,7 +112,7 @@ class Settlement:
     entry_type: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~5x (0.8 µs)
 class SettleCall:
     """One request of ``Ledger.settle_many``: ``settle``'s arguments (now is the call's time)."""
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
@@ -31,6 +32,7 @@ from .money import format_credits, token_cost
 from .tokens import estimate_prompt_tokens
 
 log = structlog.get_logger("tollgate.metering")
+T = TypeVar("T")
 
 
 # A refusal another stream's settlement may be about to lift is checked again after this long
@@ -214,20 +216,18 @@ class Meter:
         )
         if future is not None:
             return future
-        awaited = self.ledger.settle(
-            request_id,
-            prompt,
-            completion,
-            status,
-            latency,
-            reason,
-            charge_reserved=served_unknown,
-            counted=counted,
+        return self._task(
+            self.ledger.settle(
+                request_id,
+                prompt,
+                completion,
+                status,
+                latency,
+                reason,
+                charge_reserved=served_unknown,
+                counted=counted,
+            )
         )
-        task = asyncio.ensure_future(awaited)
-        self._pending.add(task)  # a reference until it is done
-        task.add_done_callback(self._pending.discard)
-        return task
 
     def settle_many(
         self, records: list[tuple[str, dict[str, Any] | None, int, str]]
@@ -251,9 +251,11 @@ class Meter:
                 )
             )
         future = self.ledger.settle_many_soon(calls)
-        if future is not None:
-            return future
-        task = asyncio.ensure_future(self.ledger.settle_many(calls))
+        return future if future is not None else self._task(self.ledger.settle_many(calls))
+
+    def _task(self, awaited: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A store call awaited in a task of its own (no pipelined connection open yet)."""
+        task = asyncio.ensure_future(awaited)
         self._pending.add(task)  # a reference until it is done
         task.add_done_callback(self._pending.discard)
         return task
