@@ -40,6 +40,9 @@ T = TypeVar("T")
 # (within 20 ms, envoy_config._settle_logs).
 RECHECK_NOW_S = 0.03
 RECHECK_BATCHED_S = 0.05
+# ... or sooner: each time this worker's settling log settles a batch (the settlement awaited is
+# usually in the first), up to this many times before the last look at the end of the wait.
+EARLY_RECHECKS = 2
 # A stream reserved when the account's available credits could pay fewer than this many more
 # reservations like it settles at once: the next request may need the money it holds.
 LOW_BALANCE_RESERVATIONS = 4
@@ -57,6 +60,7 @@ class Meter:
         # a recheck must leave Envoy's wait for the processor's answer most of its time
         self._recheck_cap_s = cfg.processor.message_timeout_s / 4
         self._pending: set[asyncio.Task[Any]] = set()
+        self._batch_settled: asyncio.Future[None] | None = None  # woken by _after_batch
 
     async def reserve(
         self,
@@ -117,9 +121,11 @@ class Meter:
                 wait = min(wait, left)
                 if wait <= 0:
                     break
-                await asyncio.sleep(wait)
                 left -= wait
-                res = await self.ledger.reserve(req, abandoned_reason=ABANDONED)
+                # early looks only where the settlement comes batched: a limited key's comes at
+                # once, and a flood over its limit should not cost the store more than before
+                early = 0 if self.limited(principal) else EARLY_RECHECKS
+                res = await self._recheck(req, principal, wait, early)
                 if res.status == "ok" or not self._rechecks(res, principal):
                     break
         if res.status == "ok":
@@ -129,14 +135,53 @@ class Meter:
         self.metrics.refusals.inc(err.code)
         raise err
 
+    async def _recheck(
+        self, req: ReserveRequest, principal: Any, wait: float, early: int
+    ) -> Reservation:
+        """Reserve again once ``wait`` seconds have passed, or sooner when this worker's settling
+        log settles a batch meanwhile (with one worker, the batch that frees what was refused
+        arrives here): each such batch brings a look, up to ``early`` of them; then the last
+        look at the end of the wait. With several workers the batch may settle on another, and
+        the wait runs out as before."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        for _ in range(early):
+            if not await self._batch_or_timeout(deadline - loop.time()):
+                break
+            res = await self.ledger.reserve(req, abandoned_reason=ABANDONED)
+            if res.status == "ok" or not self._rechecks(res, principal):
+                return res
+        remaining = deadline - loop.time()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+        return await self.ledger.reserve(req, abandoned_reason=ABANDONED)
+
+    async def _batch_or_timeout(self, timeout: float) -> bool:
+        """Wait for the next batch of settlements this worker's settling log makes, at most
+        ``timeout`` seconds: whether one came. The waiters share one future (no task each)."""
+        if timeout <= 0:
+            return False
+        wake = self._batch_settled
+        if wake is None or wake.done():
+            wake = self._batch_settled = asyncio.get_running_loop().create_future()
+        done, _ = await asyncio.wait((wake,), timeout=timeout)
+        return bool(done)
+
+    def _after_batch(self, _: asyncio.Future[Any]) -> None:
+        """A batch of settlements was answered (or failed): wake the rechecks waiting for it."""
+        wake, self._batch_settled = self._batch_settled, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
     def _rechecks(self, res: Reservation, principal: Any) -> tuple[float, ...]:
         """The waits (seconds) before each further reservation attempt; () to refuse now. A
         refusal for the slot, the tokens or the money that another reservation of the account
         holds (pending) may be one a finished stream's settlement is about to lift. It travels
         through Envoy's access log: at once for the streams of keys with a concurrency or token
         limit (then 30 ms covers it) and for streams reserved on a low balance, else batched
-        (up to 20 ms). So a credits refusal of any other key looks again once, at 50 ms. A
-        refusal no settlement could lift is not delayed."""
+        (up to 20 ms). So a credits refusal of any other key looks again by 50 ms, and sooner
+        when a batch settles on this worker (``_recheck``). A refusal no settlement could lift
+        is not delayed."""
         if res.pending <= 0:
             return ()
         if res.status in ("concurrency", "rate_limit_tokens"):
@@ -251,7 +296,10 @@ class Meter:
                 )
             )
         future = self.ledger.settle_many_soon(calls)
-        return future if future is not None else self._task(self.ledger.settle_many(calls))
+        if future is None:
+            future = self._task(self.ledger.settle_many(calls))
+        future.add_done_callback(self._after_batch)
+        return future
 
     def _task(self, awaited: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A store call awaited in a task of its own (no pipelined connection open yet)."""

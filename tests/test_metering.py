@@ -10,11 +10,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from extproc.errors import GatewayError
 from extproc.money import format_credits, parse_credits, token_cost
 from extproc.tokens import estimate_prompt_tokens
 from tests import h2client
@@ -579,6 +581,87 @@ def test_which_refusals_are_checked_again_and_which_streams_settle_at_once() -> 
     assert not meter.settles_now(plain, res("ok", available=low))
     assert meter.settles_now(plain, res("ok", available=low - 1))
     assert not meter.settles_now(plain, res("ok", amount=0, available=0))  # free: nothing held
+
+
+def test_a_recheck_looks_again_when_a_batch_settles_and_at_most_twice_early() -> None:
+    """A credits refusal of a key without limits (its streams settle batched) is looked at
+    again as soon as this worker's settling log settles a batch, not only when its wait runs
+    out; early looks stop after EARLY_RECHECKS, and the last look comes at the end of the wait.
+    A limited key's refusal is looked at once, at the end of its wait."""
+    from types import SimpleNamespace
+
+    from extproc import metering
+    from extproc.config import Limits, parse_config
+    from extproc.ledger import Reservation
+    from tests.harness import base_config
+
+    def res(status: str) -> Reservation:
+        return Reservation(status, 16, 10, 0, -1, 0, -1, 0, 0, 100, 50, 40)
+
+    class FakeLedger:
+        def __init__(self, answers: list[str]) -> None:
+            self.answers, self.calls = answers, 0
+            self.batches: list[asyncio.Future[list[Any]]] = []
+
+        async def reserve(self, req: Any, abandoned_reason: str = "") -> Reservation:
+            self.calls += 1
+            return res(self.answers.pop(0))
+
+        def settle_many_soon(self, calls: list[Any]) -> asyncio.Future[list[Any]]:
+            f = asyncio.get_running_loop().create_future()
+            self.batches.append(f)
+            return f
+
+    cfg = parse_config({**base_config(), "processor": {"message_timeout": "240s"}})
+    principal = SimpleNamespace(
+        account="a", key_hash="h", key_prefix="tg_x", limits=Limits(), pool=None
+    )
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 16}
+
+    async def scenario(
+        answers: list[str], batches: int, wait: float, limits: Limits | None = None
+    ) -> tuple[Any, int, float]:
+        ledger = FakeLedger(answers)
+        principal.limits = limits or Limits()
+        meter = metering.Meter(cfg, ledger)  # type: ignore[arg-type]
+        model = cfg.models_by_id["sim-chat"]
+        old = metering.RECHECK_BATCHED_S, metering.RECHECK_NOW_S
+        metering.RECHECK_BATCHED_S = metering.RECHECK_NOW_S = wait
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            task = asyncio.ensure_future(
+                meter.reserve("r1", principal, model, "chat", body, model.backend)
+            )
+            for _ in range(batches):
+                await asyncio.sleep(0.05)
+                meter.settle_many([("s", None, 200, "settled")]).set_result([])
+            try:
+                out: Any = await asyncio.wait_for(task, 20)
+            except Exception as exc:  # the refusal
+                out = exc
+            return out, ledger.calls, loop.time() - t0
+        finally:
+            metering.RECHECK_BATCHED_S, metering.RECHECK_NOW_S = old
+
+    # a batch settles: the second look, at once, finds the credits (the wait is 30 s)
+    out, calls, took = asyncio.run(scenario(["insufficient_credits", "ok"], 1, 30.0))
+    assert isinstance(out, Reservation) and out.ok and calls == 2 and took < 15
+    # batches that free nothing: two early looks, then the last one at the end of the wait
+    out, calls, took = asyncio.run(scenario(["insufficient_credits"] * 3 + ["ok"], 3, 0.5))
+    assert isinstance(out, Reservation) and out.ok
+    assert calls == 1 + metering.EARLY_RECHECKS + 1 and took >= 0.5
+    # no batch at all: one look, when the wait runs out, as before
+    out, calls, took = asyncio.run(
+        scenario(["insufficient_credits", "insufficient_credits"], 0, 0.3)
+    )
+    assert isinstance(out, GatewayError) and out.code == "insufficient_credits"
+    assert calls == 2 and took >= 0.3
+    # a limited key: batches do not bring early looks
+    out, calls, took = asyncio.run(
+        scenario(["insufficient_credits", "ok"], 2, 0.4, Limits(concurrency=4))
+    )
+    assert isinstance(out, Reservation) and out.ok and calls == 2 and took >= 0.4
 
 
 def test_a_nearly_empty_balance_streams_one_request_after_another(gateway: Gateway) -> None:
