@@ -699,8 +699,9 @@ def test_a_larger_request_right_after_a_batched_stream_is_served(gateway: Gatewa
     """A stream reserved while the account could pay 4 more like it settles through the batched
     log, within 20 ms of its end. A larger request right after it needs the credits the stream
     held: it is served, not answered 402. Mostly the store still holds them when it arrives,
-    and the one recheck (at 50 ms) finds them released; three rounds, so that this fails
-    without the recheck (a probe: 18 of 20 such requests waited for it)."""
+    and the recheck (when the batch settles, at most 50 ms later) finds them released; three
+    rounds, so that this fails without the recheck (a probe: 18 of 20 such requests needed
+    it)."""
     from extproc.tokens import estimate_prompt_tokens
     from tests.test_metrics import _value
 
