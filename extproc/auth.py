@@ -8,8 +8,9 @@ if the key is unknown; ``auth.failed_lookups_per_minute`` unknown keys from one 
 further lookups from it for the rest of the minute (429), so keys cannot be guessed cheaply.
 
 Revocation: the control API publishes every key change on ``store.keys_channel()``; each worker
-listens (:meth:`Authenticator.listen`) and drops the cached entry at once; after a lost
-subscription it drops everything. The TTL (``processor.key_cache_ttl``) is only a backstop.
+follows it (``store.follow``, started by server.py) and drops the cached entry at once
+(:meth:`Authenticator.invalidate`); after a lost subscription it drops everything. The TTL
+(``processor.key_cache_ttl``) is only a backstop.
 
 Comparison: the raw key is never compared with anything. Its SHA-256 is the store lookup key
 and the cache key; the bootstrap admin key's digest is compared with ``hmac.compare_digest``.
@@ -275,32 +276,6 @@ class Authenticator:
                     self._cache.pop(digest, None)
         else:
             self._cache.pop(message, None)
-
-    async def listen(self, url: str) -> None:
-        """Drop cached lookups as the store announces changes; runs until cancelled."""
-        while True:
-            client = aioredis.Redis.from_url(
-                url, decode_responses=True, socket_connect_timeout=2, health_check_interval=15
-            )
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(store.keys_channel())
-                self.invalidate("*")  # whatever changed while not subscribed
-                while True:
-                    msg = await pubsub.get_message(timeout=5.0)
-                    if msg is not None and msg.get("type") == "message":
-                        self.invalidate(str(msg["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("key_invalidation_reconnect", error=type(exc).__name__)
-                await asyncio.sleep(0.5)
-            finally:
-                try:
-                    await pubsub.aclose()
-                    await client.aclose()
-                except Exception:
-                    pass
 
 
 async def announce(client: aioredis.Redis, *messages: str) -> None:

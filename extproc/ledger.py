@@ -277,6 +277,14 @@ class Ledger:
         keys, args = _settle_many_call(calls)
         return _sent(soon, keys, args, _settlements)
 
+    async def announce_settled(self, token: str) -> None:
+        """Tell the other workers that a batch of settlements was posted (``token``: this
+        worker's); a failure only means they look again when their wait runs out."""
+        try:
+            await self._client.publish(store.settled_channel(), token)
+        except Exception as exc:
+            log.warning("settled_announce_failed", error=type(exc).__name__)
+
     async def sweep(self, now_ms: int | None = None, limit: int = 100) -> int:
         """Charge the reserved amount of up to ``limit`` timed-out reservations; how many."""
         keys = [store.reservations_due()]

@@ -17,6 +17,7 @@ Request lifecycle (README, "Credits and limits"):
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -60,7 +61,11 @@ class Meter:
         # a recheck must leave Envoy's wait for the processor's answer most of its time
         self._recheck_cap_s = cfg.processor.message_timeout_s / 4
         self._pending: set[asyncio.Task[Any]] = set()
-        self._batch_settled: asyncio.Future[None] | None = None  # woken by _after_batch
+        self._batch_settled: asyncio.Future[None] | None = None  # woken by _wake
+        # with several workers, each batch settled here is announced to the others (store.py,
+        # tg:settled), whose rechecks look again too; the token tells this worker's own apart
+        self._announce = cfg.processor.workers > 1
+        self._token = str(os.getpid())
 
     async def reserve(
         self,
@@ -168,7 +173,18 @@ class Meter:
         return bool(done)
 
     def _after_batch(self, _: asyncio.Future[Any]) -> None:
-        """A batch of settlements was answered (or failed): wake the rechecks waiting for it."""
+        """A batch of settlements was answered (or failed): wake the rechecks waiting for it,
+        here and, with several workers, in the others."""
+        self._wake()
+        if self._announce:
+            self._task(self.ledger.announce_settled(self._token))
+
+    def settled_elsewhere(self, token: str) -> None:
+        """Another worker announced a settled batch (store.settled_channel)."""
+        if token != self._token:
+            self._wake()
+
+    def _wake(self) -> None:
         wake, self._batch_settled = self._batch_settled, None
         if wake is not None and not wake.done():
             wake.set_result(None)

@@ -64,7 +64,15 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
             ledger, cfg.metering.sweep_interval_s, metrics, cfg.metering.ledger_retention_s
         )
     )
-    invalidations = asyncio.create_task(auth.listen(cfg.store_url))
+    # key changes (auth.py) and, with several workers, the other workers' settled batches
+    # (metering.py), on one subscription; after a reconnection every cached lookup is dropped
+    handlers = {
+        store.keys_channel(): auth.invalidate,
+        store.settled_channel(): meter.settled_elsewhere,
+    }
+    invalidations = asyncio.create_task(
+        store.follow(cfg.store_url, handlers, lambda: auth.invalidate("*"))
+    )
     scrape = (
         await serve_metrics(metrics, cfg.processor.bind_host, cfg.processor.metrics_port + index)
         if cfg.processor.metrics

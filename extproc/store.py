@@ -8,6 +8,9 @@ functions below and nowhere else, so a reader can see the whole layout in one pl
     tg:key-ids             hash   key id (key_ + 16 hex) -> sha256, for the control API
     tg:keys-changed        pubsub a key (sha256) or an account ("account:{id}") changed:
                                   workers drop their cached lookups (auth.py)
+    tg:settled             pubsub a worker's settling log settled a batch (the message: that
+                                  worker's token); the others look again at refusals waiting
+                                  for one (metering.py; only with several workers)
     tg:authfail:{address}  string unknown-key lookups from one client address; expires 60 s
                                   after the first (the failed-lookup limit, auth.py)
 
@@ -41,10 +44,13 @@ collide with a grant or block it.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 
 import redis as syncredis
 import redis.asyncio as aioredis
+import structlog
 
 # Set by the supervisor for its workers: the embedded Valkey's unix socket, which the hot path's
 # pipelined client (resp.py) uses instead of loopback TCP. Everything else keeps the TCP URL.
@@ -72,6 +78,10 @@ def key_index() -> str:
 
 def keys_channel() -> str:
     return "tg:keys-changed"
+
+
+def settled_channel() -> str:
+    return "tg:settled"
 
 
 def auth_failures(address: str) -> str:
@@ -153,6 +163,40 @@ def connect(url: str) -> aioredis.Redis:
         timeout=2,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+async def follow(
+    url: str, handlers: dict[str, Callable[[str], None]], subscribed: Callable[[], None]
+) -> None:
+    """Hand each message published on a channel of ``handlers`` to its handler, on one
+    connection, until cancelled. After every (re)connection ``subscribed`` is called: whatever
+    was published meanwhile was missed."""
+    log = structlog.get_logger("tollgate.store")
+    while True:
+        client = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=2, health_check_interval=15
+        )
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(*handlers)
+            subscribed()
+            while True:
+                msg = await pubsub.get_message(timeout=5.0)
+                if msg is not None and msg.get("type") == "message":
+                    handler = handlers.get(str(msg["channel"]))
+                    if handler is not None:
+                        handler(str(msg["data"]))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("store_subscription_reconnect", error=type(exc).__name__)
+            await asyncio.sleep(0.5)
+        finally:
+            try:
+                await pubsub.aclose()
+                await client.aclose()
+            except Exception:
+                pass
 
 
 def connect_sync(url: str) -> syncredis.Redis:

@@ -926,3 +926,33 @@ async def test_the_settling_log_settles_a_message_once_a_record(
     assert metrics.credits.values[("settled",)] == sum(charged.values())
     assert metrics.tokens.values[("sim-chat", "output")] == 16 + 12 + 3  # s1 counted once
     await fast.aclose()
+
+
+async def test_follow_hands_each_channel_its_messages_and_announce_settled_publishes(
+    client: redis.asyncio.Redis, valkey_url: str
+) -> None:
+    """store.follow: one subscription, each channel's messages to its handler, ``subscribed``
+    after connecting; Ledger.announce_settled publishes the worker's token on tg:settled."""
+    from extproc import store
+
+    got: list[tuple[str, str]] = []
+    ready = asyncio.Event()
+    handlers = {
+        store.keys_channel(): lambda m: got.append(("keys", m)),
+        store.settled_channel(): lambda m: got.append(("settled", m)),
+    }
+    task = asyncio.create_task(store.follow(valkey_url, handlers, ready.set))
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        await client.publish(store.keys_channel(), "account:a1")
+        await Ledger(client).announce_settled("4242")
+        await client.publish("tg:elsewhere", "ignored")
+        for _ in range(100):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert got == [("keys", "account:a1"), ("settled", "4242")]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

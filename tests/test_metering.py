@@ -664,6 +664,67 @@ def test_a_recheck_looks_again_when_a_batch_settles_and_at_most_twice_early() ->
     assert isinstance(out, Reservation) and out.ok and calls == 2 and took >= 0.4
 
 
+def test_with_several_workers_a_batch_settled_elsewhere_wakes_a_recheck_here() -> None:
+    """With several workers the batch that frees a refusal's credits may settle on another
+    worker: each worker announces its batches (tg:settled, with its token), and an
+    announcement from another worker wakes the rechecks waiting here; its own does not."""
+    from types import SimpleNamespace
+
+    from extproc import metering
+    from extproc.config import Limits, parse_config
+    from extproc.ledger import Reservation
+    from tests.harness import base_config
+
+    class FakeLedger:
+        def __init__(self) -> None:
+            self.answers = ["insufficient_credits", "ok"]
+            self.announced: list[str] = []
+
+        async def reserve(self, req: Any, abandoned_reason: str = "") -> Reservation:
+            return Reservation(self.answers.pop(0), 16, 10, 0, -1, 0, -1, 0, 0, 100, 50, 40)
+
+        def settle_many_soon(self, calls: list[Any]) -> asyncio.Future[list[Any]]:
+            f = asyncio.get_running_loop().create_future()
+            f.set_result([])
+            return f
+
+        async def announce_settled(self, token: str) -> None:
+            self.announced.append(token)
+
+    cfg = parse_config({**base_config(), "processor": {"message_timeout": "240s", "workers": 2}})
+    principal = SimpleNamespace(account="a", key_hash="h", key_prefix="tg_x", limits=Limits())
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 16}
+
+    async def scenario() -> None:
+        ledger = FakeLedger()
+        meter = metering.Meter(cfg, ledger)  # type: ignore[arg-type]
+        model = cfg.models_by_id["sim-chat"]
+        old = metering.RECHECK_BATCHED_S
+        metering.RECHECK_BATCHED_S = 30.0
+        try:
+            # a batch settled here is announced to the others, with this worker's token
+            meter.settle_many([("s", None, 200, "settled")])
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert ledger.announced == [meter._token]
+            task = asyncio.ensure_future(
+                meter.reserve("r1", principal, model, "chat", body, model.backend)
+            )
+            await asyncio.sleep(0.05)
+            meter.settled_elsewhere(meter._token)  # its own announcement: no look
+            await asyncio.sleep(0.05)
+            assert not task.done() and ledger.answers == ["ok"]
+            meter.settled_elsewhere("another-worker")
+            res = await asyncio.wait_for(task, 5)
+            assert res.ok
+        finally:
+            metering.RECHECK_BATCHED_S = old
+
+    asyncio.run(scenario())
+    one = metering.Meter(parse_config(base_config()), FakeLedger())  # type: ignore[arg-type]
+    assert not one._announce  # one worker: its own batches are the only ones
+
+
 def test_a_nearly_empty_balance_streams_one_request_after_another(gateway: Gateway) -> None:
     """Streams reserved on a low balance settle at once (the settling log that flushes every
     2 ms, not the batched one), so a client streaming one request after the other on the last
