@@ -143,11 +143,9 @@ class Meter:
     async def _recheck(
         self, req: ReserveRequest, principal: Any, wait: float, early: int
     ) -> Reservation:
-        """Reserve again once ``wait`` seconds have passed, or sooner when this worker's settling
-        log settles a batch meanwhile (with one worker, the batch that frees what was refused
-        arrives here): each such batch brings a look, up to ``early`` of them; then the last
-        look at the end of the wait. With several workers the batch may settle on another, and
-        the wait runs out as before."""
+        """Reserve again once ``wait`` seconds have passed, or sooner when a settling log settles
+        a batch meanwhile (this worker's, or another's that announced it): each such batch
+        brings a look, up to ``early`` of them; then the last look at the end of the wait."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         for _ in range(early):
@@ -162,8 +160,8 @@ class Meter:
         return await self.ledger.reserve(req, abandoned_reason=ABANDONED)
 
     async def _batch_or_timeout(self, timeout: float) -> bool:
-        """Wait for the next batch of settlements this worker's settling log makes, at most
-        ``timeout`` seconds: whether one came. The waiters share one future (no task each)."""
+        """Wait for the next batch of settlements (``_wake``), at most ``timeout`` seconds:
+        whether one came. The waiters share one future (no task each)."""
         if timeout <= 0:
             return False
         wake = self._batch_settled
@@ -196,7 +194,7 @@ class Meter:
         through Envoy's access log: at once for the streams of keys with a concurrency or token
         limit (then 30 ms covers it) and for streams reserved on a low balance, else batched
         (up to 20 ms). So a credits refusal of any other key looks again by 50 ms, and sooner
-        when a batch settles on this worker (``_recheck``). A refusal no settlement could lift
+        when a batch settles (``_recheck``). A refusal no settlement could lift
         is not delayed."""
         if res.pending <= 0:
             return ()

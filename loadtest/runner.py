@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -531,24 +531,13 @@ def _median(runs: list[Result]) -> Result:
         values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
         return statistics.median(values) if values else None
 
-    first = runs[0]
-    return Result(
-        first.target,
-        first.script,
-        first.vus,
-        sum(r.requests for r in runs),
-        sum(r.failed for r in runs),
-        med("rps"),
-        med("p50_ms"),
-        med("p99_ms"),
-        med("ttfb_p50_ms"),
-        med("processor_us_per_req"),
-        med("envoy_us_per_req"),
-        med("ext_proc_msgs_per_req"),
-        med("store_us_per_req"),
-        med("backend_us_per_req"),
-        0,
-    )
+    figures = {
+        f.name: med(f.name)
+        for f in fields(Result)
+        if f.name not in ("target", "script", "vus", "requests", "failed", "round")
+    }
+    requests, failed = sum(r.requests for r in runs), sum(r.failed for r in runs)
+    return replace(runs[0], requests=requests, failed=failed, round=0, **figures)
 
 
 def _change(base: list[Result], other: list[Result]) -> str:
