@@ -326,7 +326,16 @@ def usage(args: argparse.Namespace) -> int:
         ("latency_ms", "MS"),
         ("status", "STATUS"),
     ]
-    return _out(args, page["data"], lambda: _table(page["data"], columns))
+
+    def human() -> str:
+        if page["data"]:
+            return _table(page["data"], columns)
+        # an operator's own account (auth.admin_account) makes no requests: say where to look
+        whose = f"account '{args.account}'" if args.account else "the credential's own account"
+        hint = "" if args.account else "; name another with --account"
+        return f"no usage records for {whose} in this range{hint}"
+
+    return _out(args, page["data"], human)
 
 
 # --------------------------------------------------------------------------- parser

@@ -57,6 +57,11 @@ def test_round_trip_create_use_revoke(gateway: Gateway, cli) -> None:
     assert code == 0 and [r["model"] for r in json.loads(out)] == ["sim-chat"]
     code, out, _ = cli("credits", "show", account)
     assert code == 0 and "balance" in out and "grant" in out
+    # the admin key's own account makes no requests: an empty table would look broken
+    code, out, _ = cli("usage")
+    assert code == 0 and "credential's own account" in out and "--account" in out
+    code, out, _ = cli("usage", "--account", account, "--model", "no-such-model")
+    assert code == 0 and f"account '{account}'" in out and "--account" not in out
 
     code, out, _ = cli("keys", "revoke", key_id)
     assert code == 0 and "revoked" in out
