@@ -10,8 +10,9 @@ Request lifecycle (README, "Credits and limits"):
    body (json_to_metadata), so ``X-Credits-*`` ride on the response (``settle_soon``). Streams:
    Envoy's Lua stream meter (``stream_meter.lua``) sends the figures as the stream's last SSE
    comment, and Envoy's gRPC access log hands the finished stream, with the last usage seen, to
-   ``settle_service.py``, which settles it (cut-off streams included). Whatever nobody settles
-   in time, the sweeper charges at the reserved amount.
+   ``settle_service.py``, which settles it (cut-off streams included). A settlement the store
+   was out of reach for is sent again until it takes it (``settle_retry.py``); whatever nobody
+   settles in time, the sweeper charges at the reserved amount.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import redis.exceptions
 import structlog
 
 from .config import GatewayConfig, Model
@@ -30,6 +32,8 @@ from .ledger import Ledger, Reservation, ReserveRequest, SettleCall, Settlement
 from .media import UNITS, metered_price, reserved_units
 from .metrics import Metrics
 from .money import format_credits, token_cost
+from .resp import AnswerLost
+from .settle_retry import SettleRetry, lost
 from .tokens import estimate_prompt_tokens
 
 log = structlog.get_logger("tollgate.metering")
@@ -48,6 +52,7 @@ EARLY_RECHECKS = 2
 # reservations like it settles at once: the next request may need the money it holds.
 LOW_BALANCE_RESERVATIONS = 4
 ABANDONED = "client_disconnected"  # the void's reason when a reserve's caller is cancelled
+STORE_LOST = "store_unavailable"  # ... and when the store may have reserved but its answer was lost
 GENERATIVE = ("chat", "completions")  # operations that generate tokens (max_tokens applies)
 
 
@@ -66,6 +71,8 @@ class Meter:
         # tg:settled), whose rechecks look again too; the token tells this worker's own apart
         self._announce = cfg.processor.workers > 1
         self._token = str(os.getpid())
+        # settlements the store was out of reach for go again until it takes them
+        self.resends = SettleRetry(cfg.metering.reservation_timeout_s, self.metrics)
 
     async def reserve(
         self,
@@ -119,20 +126,26 @@ class Meter:
         )
         # a worker cancelled here (Envoy closed the stream: the client left) does not leave
         # the reservation for the sweeper to charge (processor._reserve, Ledger.reserve)
-        res = await self.ledger.reserve(req, abandoned_reason=ABANDONED)
-        if res.status != "ok":  # a stream that just ended may not be settled yet: look again
-            left = self._recheck_cap_s
-            for wait in self._rechecks(res, principal):
-                wait = min(wait, left)
-                if wait <= 0:
-                    break
-                left -= wait
-                # early looks only where the settlement comes batched: a limited key's comes at
-                # once, and a flood over its limit should not cost the store more than before
-                early = 0 if self.limited(principal) else EARLY_RECHECKS
-                res = await self._recheck(req, principal, wait, early)
-                if res.status == "ok" or not self._rechecks(res, principal):
-                    break
+        try:
+            res = await self.ledger.reserve(req, abandoned_reason=ABANDONED)
+            if res.status != "ok":  # a stream that just ended may not be settled yet: look again
+                left = self._recheck_cap_s
+                for wait in self._rechecks(res, principal):
+                    wait = min(wait, left)
+                    if wait <= 0:
+                        break
+                    left -= wait
+                    # early looks only where the settlement comes batched: a limited key's
+                    # comes at once, and a flood over its limit should not cost the store more
+                    early = 0 if self.limited(principal) else EARLY_RECHECKS
+                    res = await self._recheck(req, principal, wait, early)
+                    if res.status == "ok" or not self._rechecks(res, principal):
+                        break
+        except (AnswerLost, redis.exceptions.TimeoutError):
+            # sent, unanswered: the store may have reserved it for a request the client gets a
+            # 503 for. Void it (sent again until the store takes it), not left for the sweeper.
+            self.void_soon(request_id, STORE_LOST)
+            raise
         if res.status == "ok":
             self.metrics.credits.inc("reserved", amount=res.amount)
             return res
@@ -270,30 +283,38 @@ class Meter:
         prompt, completion, served_unknown = _settle_args(usage, status)
         latency = _latency(started_ms)
         counted = bool(usage and usage.get("counted"))  # the stream meter counted the tokens
-        future = self.ledger.settle_soon(
-            request_id, prompt, completion, status, latency, reason, served_unknown, counted
-        )
-        if future is not None:
-            return future
-        return self._task(
-            self.ledger.settle(
-                request_id,
-                prompt,
-                completion,
-                status,
-                latency,
-                reason,
-                charge_reserved=served_unknown,
-                counted=counted,
+
+        def send() -> asyncio.Future[Settlement]:
+            future = self.ledger.settle_soon(
+                request_id, prompt, completion, status, latency, reason, served_unknown, counted
             )
-        )
+            if future is not None:
+                return future
+            return self._task(
+                self.ledger.settle(
+                    request_id,
+                    prompt,
+                    completion,
+                    status,
+                    latency,
+                    reason,
+                    charge_reserved=served_unknown,
+                    counted=counted,
+                )
+            )
+
+        return self._resent_if_lost(send)
 
     def settle_many(
-        self, records: list[tuple[str, dict[str, Any] | None, int, str]]
+        self,
+        records: list[tuple[str, dict[str, Any] | None, int, str]],
+        then: Callable[[list[Settlement | Exception]], None] | None = None,
     ) -> asyncio.Future[list[Settlement | Exception]]:
         """``settle`` for each (request_id, usage, status, reason) of a finished stream, in one
         store call: a future of a Settlement per record, in order, or the exception that
-        record's settlement failed with. The store measures each latency from its reservation."""
+        record's settlement failed with. The store measures each latency from its reservation.
+        If the store was out of reach, the future fails and the call goes again later; ``then``
+        gets the Settlements when a later one is answered."""
         calls = []
         for request_id, usage, status, reason in records:
             prompt, completion, served_unknown = _settle_args(usage, status)
@@ -309,11 +330,34 @@ class Meter:
                     bool(usage and usage.get("counted")),
                 )
             )
-        future = self.ledger.settle_many_soon(calls)
-        if future is None:
-            future = self._task(self.ledger.settle_many(calls))
-        future.add_done_callback(self._after_batch)
+
+        def send() -> asyncio.Future[list[Settlement | Exception]]:
+            future = self.ledger.settle_many_soon(calls)
+            if future is None:
+                future = self._task(self.ledger.settle_many(calls))
+            future.add_done_callback(self._after_batch)
+            return future
+
+        async def again() -> list[Settlement | Exception]:
+            results = await send()
+            if then is not None:
+                then(results)
+            return results
+
+        future = send()
+        future.add_done_callback(lambda f: self._resend_if_lost(f, again))
         return future
+
+    def _resent_if_lost(self, send: Callable[[], asyncio.Future[T]]) -> asyncio.Future[T]:
+        """``send()``'s future; if it fails because the store was out of reach, the call goes
+        again later (settle_retry.py), while the future reports the first failure."""
+        future = send()
+        future.add_done_callback(lambda f: self._resend_if_lost(f, send))
+        return future
+
+    def _resend_if_lost(self, future: asyncio.Future[Any], send: Callable[[], Any]) -> None:
+        if not future.cancelled() and lost(future.exception()):
+            self.resends.add(send)
 
     def _task(self, awaited: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A store call awaited in a task of its own (no pipelined connection open yet)."""
@@ -328,8 +372,9 @@ class Meter:
 
     @staticmethod
     def _settled(future: asyncio.Future[Settlement]) -> None:
-        if not future.cancelled() and future.exception() is not None:  # the sweeper charges it
-            log.error("settle_failed", error=str(future.exception()))
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            # out of reach: sent again (settle_retry.py); else the sweeper charges it
+            log.error("settle_failed", error=str(exc), resent=lost(exc))
 
 
 def _settle_args(usage: dict[str, Any] | None, status: int) -> tuple[int | None, int | None, bool]:

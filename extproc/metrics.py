@@ -134,6 +134,13 @@ class Metrics:
         self.refusals = Counter(
             "tollgate_refusals_total", "Requests refused by metering, by code.", ("code",)
         )
+        self.settle_resends = Counter(
+            "tollgate_settle_resends_total",
+            "Settlements sent again because the store was out of reach (settle_retry.py), by"
+            " outcome: settled (the store took it), failed (it answered an error), expired (the"
+            " reservation timed out first: the sweeper's), dropped (too many waiting).",
+            ("outcome",),
+        )
         self.settle_records = Counter(
             "tollgate_settle_records_total",
             "Finished metered streams from Envoy's settling access logs, by log: tollgate_settle"
@@ -158,6 +165,7 @@ class Metrics:
             self.phase,
             self.credits,
             self.expired,
+            self.settle_resends,
             self.refusals,
             self.settle_records,
         )

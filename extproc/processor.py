@@ -628,8 +628,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         st.settled = True
         try:
             await self.meter.settle(st.request_id, None, 0, st.started_ms, reason)
-        except Exception:  # the sweeper settles it at the reserved amount
-            log.exception("void_failed", request_id=st.request_id, reason=reason)
+        except Exception as exc:  # sent again if the store was out of reach, else the sweeper's
+            log.error("void_failed", request_id=st.request_id, reason=reason, error=str(exc))
 
     def _response_headers(self, req: ProcessingRequest, st: RequestState) -> ProcessingResponse:
         if st.health:

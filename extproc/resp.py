@@ -28,6 +28,11 @@ import redis.exceptions
 _pack = hiredis.pack_command  # a RESP command from str, bytes and int parts, in C
 
 
+class AnswerLost(redis.exceptions.ConnectionError):
+    """The connection closed after this call was sent and before its answer came: unlike a
+    call that never went out, the store may have run it (metering voids such a reservation)."""
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, timeout: float = 2.0) -> None:
         self.reader = hiredis.Reader(encoding="utf-8")
@@ -58,7 +63,7 @@ class _Connection(asyncio.Protocol):
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(redis.exceptions.ConnectionError("store connection lost"))
+                waiter.set_exception(AnswerLost("store connection lost"))
         self.deadlines.clear()
 
     def call(self, *parts: Any) -> asyncio.Future[Any]:

@@ -90,6 +90,7 @@ async def serve(cfg: GatewayConfig, index: int) -> None:
     if scrape is not None:
         scrape.close()
     await server.stop(grace=2)
+    meter.resends.close()
     await tracing.aclose()
     await client.aclose()
 

@@ -102,34 +102,43 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 continue
             self.metrics.settle_records.inc(log_name, amount=len(records))
             t0 = time_ns()
+
+            def count(results: list[Any], seen: list[Any] = seen, t0: int = t0) -> None:
+                self._count(seen, results, t0)
+
             try:
-                results = await self.meter.settle_many(records)
-            except Exception:  # the sweeper charges the reservations later
-                log.exception("log_settle_failed", records=len(records))
+                # a batch the store was out of reach for goes again later; then count()
+                results = await self.meter.settle_many(records, then=count)
+            except Exception as exc:
+                log.error("log_settle_failed", records=len(records), error=str(exc))
                 continue
-            for (entry, fm, md, usage, status, reason), settled in zip(seen, results, strict=True):
-                if isinstance(settled, Exception):  # the sweeper charges this one later
-                    log.error(
-                        "log_settle_failed",
-                        request_id=_string(md, "request_id"),
-                        error=str(settled),
-                    )
-                    continue
-                model = _string(md, "model") or "-"
-                if self.tracing is not None and _string(md, "trace_id"):
-                    self._trace(md, t0, usage, status, reason, settled.charged)
-                if TIMING_NS in fm and status == 200:
-                    self._observe_timing(entry.common_properties, fm[TIMING_NS], usage, model)
-                if settled.status == "ok":
-                    self.metrics.credits.inc("settled", amount=settled.charged)
-                    if usage:
-                        for kind, field in (
-                            ("input", "prompt_tokens"),
-                            ("output", "completion_tokens"),
-                        ):
-                            if isinstance(usage.get(field), int | float):
-                                self.metrics.tokens.inc(model, kind, amount=usage[field])
+            count(results)
         return StreamAccessLogsResponse()
+
+    def _count(self, seen: list[Any], results: list[Any], t0: int) -> None:
+        """A settled batch's metrics (and traces), record by record."""
+        for (entry, fm, md, usage, status, reason), settled in zip(seen, results, strict=True):
+            if isinstance(settled, Exception):  # the sweeper charges this one later
+                log.error(
+                    "log_settle_failed",
+                    request_id=_string(md, "request_id"),
+                    error=str(settled),
+                )
+                continue
+            model = _string(md, "model") or "-"
+            if self.tracing is not None and _string(md, "trace_id"):
+                self._trace(md, t0, usage, status, reason, settled.charged)
+            if TIMING_NS in fm and status == 200:
+                self._observe_timing(entry.common_properties, fm[TIMING_NS], usage, model)
+            if settled.status == "ok":
+                self.metrics.credits.inc("settled", amount=settled.charged)
+                if usage:
+                    for kind, field in (
+                        ("input", "prompt_tokens"),
+                        ("output", "completion_tokens"),
+                    ):
+                        if isinstance(usage.get(field), int | float):
+                            self.metrics.tokens.inc(model, kind, amount=usage[field])
 
     def _trace(
         self,

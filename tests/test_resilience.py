@@ -8,7 +8,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -48,21 +48,35 @@ def _one(gw: Gateway, key: str, stream: bool) -> tuple[str, int, bool]:
         return rid, 0, False
 
 
-def test_ledger_reconciles_after_worker_kill_and_store_restart(fragile: Gateway) -> None:
-    gw = fragile
-    account = "acct-" + uuid.uuid4().hex[:6]
-    key = gw.new_key("fragile", account)
-    grant(str(gw.stack.config_path), account, "100")
+def _under_load(
+    gw: Gateway, key: str, streams: float, meanwhile: Callable[[], None]
+) -> list[tuple[str, int, bool]]:
+    """12 clients sending requests (a share ``streams`` of them streams) while ``meanwhile``
+    runs: each request's (request id, status, served in full)."""
     results: list[tuple[str, int, bool]] = []
     stop = threading.Event()
 
     def load() -> None:
         while not stop.is_set():
-            results.append(_one(gw, key, stream=random.random() < 0.6))
+            results.append(_one(gw, key, stream=random.random() < streams))
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         for _ in range(12):
             pool.submit(load)
+        try:
+            meanwhile()
+        finally:
+            stop.set()
+    return results
+
+
+def test_ledger_reconciles_after_worker_kill_and_store_restart(fragile: Gateway) -> None:
+    gw = fragile
+    account = "acct-" + uuid.uuid4().hex[:6]
+    key = gw.new_key("fragile", account)
+    grant(str(gw.stack.config_path), account, "100")
+
+    def kill_and_restart() -> None:
         time.sleep(2)
         victim = gw.stack.child("worker-0")
         assert victim.proc is not None
@@ -70,7 +84,8 @@ def test_ledger_reconciles_after_worker_kill_and_store_restart(fragile: Gateway)
         time.sleep(2)
         gw.stack.restart("valkey")  # SIGTERM; AOF on; back under load
         time.sleep(3)
-        stop.set()
+
+    results = _under_load(gw, key, 0.6, kill_and_restart)
 
     served = [rid for rid, status, full in results if status == 200]
     statuses = {s for _, s, _ in results}
@@ -106,3 +121,52 @@ def test_ledger_reconciles_after_worker_kill_and_store_restart(fragile: Gateway)
     kinds = {e["type"] for e in entries}
     assert "grant" in kinds and "debit" in kinds
     print(f"served {len(served)}, statuses {statuses}, entry types {kinds}")
+
+
+def test_a_store_restart_under_load_leaves_nothing_to_the_sweeper(fragile: Gateway) -> None:
+    """Settlements the store was away for are sent again (settle_retry.py): every served request
+    is debited what it used, and a request refused while the store was away is not charged at
+    all. Nothing waits for the sweeper (reservations time out after 12 s here)."""
+    gw = fragile
+    account = "acct-" + uuid.uuid4().hex[:6]
+    key = gw.new_key("fragile", account)
+    grant(str(gw.stack.config_path), account, "100")
+    deadline = time.monotonic() + 30
+    while _one(gw, key, stream=False)[1] != 200:  # both workers up (the test before kills one)
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    def restart() -> None:
+        time.sleep(1.5)
+        gw.stack.restart("valkey")  # SIGTERM; AOF on; back under load
+        time.sleep(2)
+
+    results = _under_load(gw, key, 0.5, restart)
+    restarted = time.monotonic()
+
+    served = {rid for rid, status, _ in results if status == 200}
+    refused = {rid for rid, status, _ in results if status != 200}
+    assert len(served) > 50 and refused, {s for _, s, _ in results}
+    while True:  # settled by the resends within seconds, not by the sweeper at 12 s
+        r = httpx.get(gw.v1 + "/credits", headers={"Authorization": f"Bearer {key}"})
+        if r.status_code == 200 and parse_credits(r.json()["reserved"]) == 0:
+            break
+        assert time.monotonic() - restarted < 8, r.text
+        time.sleep(0.2)
+    r = httpx.get(
+        gw.v1 + "/credits/transactions?limit=1000", headers={"Authorization": f"Bearer {key}"}
+    )
+    entries = {e["request_id"]: e for e in r.json()["data"] if e.get("request_id")}
+    assert len(entries) == len([e for e in r.json()["data"] if e.get("request_id")])
+    assert not [e for e in entries.values() if e["type"] == "expired"]
+    assert all(entries[rid]["type"] == "debit" for rid in served), [
+        entries.get(rid) for rid in served if entries.get(rid, {}).get("type") != "debit"
+    ]
+    assert all(entries[rid]["type"] == "void" for rid in refused if rid in entries)
+    total = sum(parse_credits(e["amount"]) for e in r.json()["data"])
+    assert total == parse_credits(httpx.get(
+        gw.v1 + "/credits", headers={"Authorization": f"Bearer {key}"}
+    ).json()["balance"])  # fmt: skip
+    kinds = sorted(e["type"] for e in entries.values())
+    print(f"served {len(served)}, refused {len(refused)}, entries {kinds.count('debit')} debit"
+          f" {kinds.count('void')} void")  # fmt: skip
