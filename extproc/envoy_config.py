@@ -59,6 +59,7 @@ _JSON_NAME = "envoy.filters.http.json_to_metadata"
 _SSE_NAME = "envoy.filters.http.sse_to_metadata"
 STREAM_SUFFIX = "/stream"  # routing header value suffix of metered streams (names have no "/")
 EXTPROC_CLUSTER = "tollgate_extproc"
+FAILED_LOG = "tollgate_settle_failed"  # the access log of requests whose processor failed
 ADMIN_CLUSTER = "tollgate_envoy_admin"  # Envoy's own admin, for GET /v1/models/{id}/health
 OTLP_CLUSTER = "tollgate_otlp"
 METADATA_NS = "tollgate"  # what the processor sets at request time (read by Lua and the log)
@@ -415,7 +416,8 @@ def _trailers_filter() -> dict[str, Any]:
 
 
 def _settle_logs() -> list[dict[str, Any]]:
-    """Finished metered streams -> the processor's AccessLogService, which settles them.
+    """Finished metered streams -> the processor's AccessLogService, which settles them; and
+    requests whose processor failed (FAILED_LOG, below).
 
     Two loggers, both batched (up to 16 KB of records a message: sent one by one, a record
     cost the worker ~180 µs and the store ~55 µs more a stream). Most streams wait up to 20 ms
@@ -448,7 +450,38 @@ def _settle_logs() -> list[dict[str, Any]]:
             },
         }
 
-    return [logger("tollgate_settle", False), logger("tollgate_settle_now", True)]
+    # A request whose processor failed mid-way (a worker died: Envoy answers 503, its
+    # code details "ext_proc_error_..."): what it reserved is voided by another worker
+    # (settle_service.py) instead of charged in full by the sweeper once it times out. The
+    # status is compared first, so every other request costs Envoy one integer comparison.
+    status = {"comparison": {"op": "EQ", "value": {"default_value": 503, "runtime_key": "-"}}}
+    failed = logger(FAILED_LOG, True)
+    # its records come just as a worker died, when Envoy may still pick that worker for the
+    # log's stream: a stream that cannot connect tries another worker (with what it carries)
+    failed["typed_config"]["common_config"]["grpc_service"]["retry_policy"] = {
+        "retry_on": "connect-failure,refused-stream,unavailable,reset",
+        "num_retries": 3,
+        "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"},
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": _T
+                    + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+    }
+    failed["filter"] = {
+        "and_filter": {
+            "filters": [
+                {"status_code_filter": status},
+                _cel_filter("response.code_details.startsWith('ext_proc_error')"),
+            ]
+        }
+    }
+    return [logger("tollgate_settle", False), logger("tollgate_settle_now", True), failed]
 
 
 def _ext_proc_mode(response_headers: str = "SKIP", response_body: str = "NONE") -> dict[str, Any]:

@@ -139,7 +139,7 @@ ENVOY_LOCAL_REPLIES: tuple[tuple[str, int, str, str], ...] = (
         "response.code_details.startsWith('ext_proc')",
         503,
         "gateway_unavailable",
-        "The gateway's request processor is unavailable; the request was not forwarded.",
+        "The gateway's request processor is unavailable; the request was not completed.",
     ),
     (
         "response.code_details.contains('grpc_json_transcode_failure')",

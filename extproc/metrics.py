@@ -144,7 +144,8 @@ class Metrics:
         self.settle_records = Counter(
             "tollgate_settle_records_total",
             "Finished metered streams from Envoy's settling access logs, by log: tollgate_settle"
-            " (batched, up to 20 ms) or tollgate_settle_now (2 ms batches).",
+            " (batched, up to 20 ms) or tollgate_settle_now (2 ms batches); and requests whose"
+            " processor failed, voided (tollgate_settle_failed).",
             ("log",),
         )
 

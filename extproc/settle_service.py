@@ -1,7 +1,8 @@
 """Stream settlement inside each worker, fed by Envoy (no ext_proc message per chunk):
 
 * ``AccessLogService`` — Envoy's gRPC access logger streams a record for every finished metered
-  stream, batched (``envoy_config._settle_logs``). The record carries the last usage the
+  stream, batched (``envoy_config._settle_logs``), and one for each request whose processor
+  failed mid-way (a worker died), whose reservation is voided. The record carries the last usage the
   stream meter read (vLLM reports it on every chunk; for other backends, a cut stream's counted
   chunks), so a stream that ran to the end and one the client cut off are both charged for what
   was generated. A message's records settle in one store call (``Ledger.settle_many``), each
@@ -21,13 +22,14 @@ from typing import Any
 import structlog
 from envoy.service.accesslog.v3 import als_pb2_grpc
 
-from .envoy_config import METADATA_NS, TIMING_NS, USAGE_NS
+from .envoy_config import FAILED_LOG, METADATA_NS, TIMING_NS, USAGE_NS
 from .ledger import Ledger
 from .metering import Meter
 from .metrics import Metrics
 from .tracing import Tracing
 
 log = structlog.get_logger("tollgate.settle")
+PROCESSOR_FAILED = "processor_failed"  # the void's reason for a request whose processor failed
 
 
 def _string(fields: Any, key: str) -> str:
@@ -68,8 +70,20 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
             # counted. Only the fields used are read.
             records: list[tuple[str, dict[str, float] | None, int, str]] = []
             seen: list[tuple[Any, Any, Any, dict[str, float] | None, int, str]] = []
+            failed = log_name == FAILED_LOG
             for entry in message.http_logs.log_entry:
                 fm = entry.common_properties.metadata.filter_metadata
+                if failed:
+                    # its processor failed (a worker died) and the client got a 503: void
+                    # what it reserved (the request id is the x-request-id the processor read
+                    # or set). A metered stream's record comes in its settling log as well,
+                    # which settles it: not here.
+                    rid = entry.request.request_id
+                    if rid and not (METADATA_NS in fm and "settle_now" in fm[METADATA_NS].fields):
+                        status = entry.response.response_code.value
+                        records.append((rid, None, status, PROCESSOR_FAILED))
+                        seen.append((entry, fm, {}, None, status, PROCESSOR_FAILED))
+                    continue
                 if METADATA_NS not in fm:
                     continue
                 md = fm[METADATA_NS].fields

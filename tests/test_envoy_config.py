@@ -107,8 +107,8 @@ def test_one_sse_filter_with_or_without_tgi_backends() -> None:
 
 def test_two_settling_logs_split_by_the_settle_now_mark() -> None:
     """Streams of limited keys (settle_now) go to the log that flushes within 2 ms, the others
-    to the one that waits up to 0.2 s;
-    requests that are not metered streams go to neither."""
+    to the one that waits up to 20 ms; requests that are not metered streams go to neither
+    (but for those whose processor failed, which a third log takes)."""
     from extproc.config import parse_config
 
     hcm = render(parse_config(base_config()))["static_resources"]["listeners"][0]
@@ -118,7 +118,17 @@ def test_two_settling_logs_split_by_the_settle_now_mark() -> None:
         for log in logs
         if log["name"] == "envoy.access_loggers.http_grpc"
     }
+    failed = settling.pop("tollgate_settle_failed")
     assert set(settling) == {"tollgate_settle", "tollgate_settle_now"}
+    # requests whose processor failed: Envoy's 503 of an ext_proc error, the status tested first
+    first, then = failed["filter"]["and_filter"]["filters"]
+    assert first["status_code_filter"]["comparison"]["op"] == "EQ"
+    assert first["status_code_filter"]["comparison"]["value"]["default_value"] == 503
+    cel = then["extension_filter"]["typed_config"]["expression"]
+    assert cel == "response.code_details.startsWith('ext_proc_error')"
+    retry = failed["typed_config"]["common_config"]["grpc_service"]["retry_policy"]
+    assert "connect-failure" in retry["retry_on"]  # its stream may meet the dead worker
+    assert failed["typed_config"]["common_config"]["buffer_flush_interval"] == "0.002s"
     for name, log in settling.items():
         only = log["filter"]["metadata_filter"]
         assert only["matcher"]["path"] == [{"key": "settle_now"}]

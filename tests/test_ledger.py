@@ -917,3 +917,50 @@ async def test_follow_hands_each_channel_its_messages_and_announce_settled_publi
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_the_failed_log_voids_what_a_dead_workers_requests_reserved(
+    client: redis.asyncio.Redis, valkey_url: str
+) -> None:
+    """Records of envoy_config.FAILED_LOG (Envoy's 503 after the processor failed): each
+    request's reservation is voided by its x-request-id; a metered stream's record is left to
+    its settling log (which carries its usage)."""
+    from envoy.service.accesslog.v3 import als_pb2
+
+    from extproc.config import parse_config
+    from extproc.envoy_config import FAILED_LOG
+    from extproc.metering import Meter
+    from extproc.metrics import Metrics
+    from extproc.resp import ScriptClient
+    from extproc.settle_service import PROCESSOR_FAILED, SettleLog
+    from tests.harness import base_config
+
+    fast = ScriptClient(valkey_url)
+    ledger = Ledger(client, fast)
+    await ledger.grant("acme", 10**7)
+    for rid in ("chat", "stream"):
+        assert (await ledger.reserve(request(rid, model="sim-chat"))).ok
+    message = als_pb2.StreamAccessLogsMessage()
+    message.identifier.log_name = FAILED_LOG
+    for rid in ("chat", "stream", "never-reserved", ""):
+        e = message.http_logs.log_entry.add()
+        e.request.request_id = rid
+        e.response.response_code.value = 503
+        if rid == "stream":
+            md = e.common_properties.metadata.filter_metadata["tollgate"].fields
+            md["request_id"].string_value = rid
+            md["settle_now"].bool_value = True
+
+    async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        yield message
+
+    metrics = Metrics()
+    await SettleLog(Meter(parse_config(base_config()), ledger, metrics), metrics).StreamAccessLogs(
+        stream(), None
+    )
+    entries = {e["request_id"]: e for e in await ledger.transactions("acme") if "request_id" in e}
+    assert set(entries) == {"chat"}
+    assert (entries["chat"]["type"], entries["chat"]["reason"]) == ("void", PROCESSOR_FAILED)
+    assert (await ledger.balance("acme")).pending == token_cost(PRICE, 100, 50)  # the stream's
+    assert metrics.settle_records.values == {(FAILED_LOG,): 2}
+    await fast.aclose()

@@ -1,5 +1,6 @@
 """No debit lost or charged twice when a processor worker is SIGKILLed mid-stream and the
-store restarts under load: afterwards the ledger reconciles to the micro-credit."""
+store restarts under load: afterwards the ledger reconciles to the micro-credit. A store restart
+alone leaves nothing to the sweeper, and a request whose worker died is voided at once."""
 
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ from tests.harness import Gateway, base_config, grant, start_gateway
 HELLO = [{"role": "user", "content": "Count the toll booths, slowly"}]
 
 
-@pytest.fixture(scope="module")
-def fragile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def _config() -> dict:
+    """Two workers, 20-token answers at 20 ms a token, reservations that time out at 12 s."""
     cfg = base_config(workers=2, sim_itl_ms=20, output_tokens=20)
     cfg["backends"][0]["request_timeout"] = "5s"
     cfg["backends"][2]["request_timeout"] = "1s"
     cfg["metering"] = {"reservation_timeout": "12s", "sweep_interval": "1s"}
-    gw = start_gateway(tmp_path_factory.mktemp("fragile"), cfg, credits="")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("fragile"), _config(), credits="")
     try:
         yield gw
     finally:
@@ -170,3 +176,65 @@ def test_a_store_restart_under_load_leaves_nothing_to_the_sweeper(fragile: Gatew
     kinds = sorted(e["type"] for e in entries.values())
     print(f"served {len(served)}, refused {len(refused)}, entries {kinds.count('debit')} debit"
           f" {kinds.count('void')} void")  # fmt: skip
+
+
+def test_a_request_whose_worker_dies_is_voided_at_once_not_charged(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A request whose processor worker dies mid-way gets Envoy's 503 ("ext_proc_error_..."),
+    and what it reserved is voided by the other worker from Envoy's access log
+    (envoy_config.FAILED_LOG) within a second or two, not charged in full by the sweeper once
+    it times out (12 s here). A gateway of its own: the tests above leave a worker ejected."""
+    gw = start_gateway(tmp_path_factory.mktemp("dying"), _config(), credits="")
+    try:
+        _voided_when_its_worker_dies(gw)
+    finally:
+        gw.stack.stop()
+
+
+def _voided_when_its_worker_dies(gw: Gateway) -> None:
+    victim = gw.stack.child("worker-0")
+    account = "acct-" + uuid.uuid4().hex[:6]
+    key = gw.new_key("fragile", account)
+    grant(str(gw.stack.config_path), account, "100")
+    deadline = time.monotonic() + 20
+    while not all("tollgate_requests_total{" in gw.metrics(w) for w in (0, 1)):
+        assert time.monotonic() < deadline  # both workers in Envoy's rotation
+        _one(gw, key, stream=False)
+    statuses: dict[str, int] = {}
+
+    def one(rid: str) -> None:
+        headers = {"Authorization": f"Bearer {key}", "x-request-id": rid}
+        body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 20}
+        r = httpx.post(gw.v1 + "/chat/completions", headers=headers, json=body, timeout=15)
+        statuses[rid] = r.status_code
+
+    rids = [uuid.uuid4().hex for _ in range(8)]
+    threads = [threading.Thread(target=one, args=(rid,)) for rid in rids]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # reserved, generating (20 tokens at 20 ms each)
+    assert victim.proc is not None
+    victim.proc.kill()
+    for t in threads:
+        t.join()
+    failed = {rid for rid, status in statuses.items() if status == 503}
+    assert failed and len(failed) < len(rids), statuses
+    killed = time.monotonic()
+    auth = {"Authorization": f"Bearer {key}"}
+    while True:  # (a call that meets the dead worker before Envoy ejects it gets a 503)
+        r = httpx.get(gw.v1 + "/credits", headers=auth)
+        if r.status_code == 200 and parse_credits(r.json()["reserved"]) == 0:
+            break
+        assert time.monotonic() - killed < 5, r.text  # the sweeper would take 12 s
+        time.sleep(0.1)
+    while (r := httpx.get(gw.v1 + "/credits/transactions?limit=100", headers=auth)).is_error:
+        assert time.monotonic() - killed < 10, r.text
+    entries = r.json()["data"]
+    by_request = {e["request_id"]: e for e in entries if e.get("request_id")}
+    voided = [by_request[rid] for rid in failed if rid in by_request]
+    assert voided and all(
+        (e["type"], e["reason"], e["amount"]) == ("void", "processor_failed", "0.00")
+        for e in voided
+    ), voided
+    assert all(by_request[rid]["type"] == "debit" for rid in set(rids) - failed)
