@@ -272,6 +272,9 @@ class Store:
     # the embedded Valkey's malloc: "auto" preloads mimalloc (the cmeel-mimalloc wheel) where
     # it is installed, on Linux; "system" keeps libc's (README, "Speed")
     allocator: str = "auto"
+    # the embedded Valkey's appendfsync: "everysec" (a crash can lose the last second of
+    # writes) or "always" (every write answered is on disk first; README, "Credits and limits")
+    fsync: str = "everysec"
 
 
 @dataclass(frozen=True, slots=True)
@@ -774,10 +777,13 @@ def parse_config(data: Any, source: str = "<memory>") -> GatewayConfig:
         data_dir=sr.str("data_dir", ".tollgate/data"),
         port=sr.port("port", 6390),
         allocator=sr.str("allocator", "auto"),
+        fsync=sr.str("fsync", "everysec"),
     )
     sr.done()
     if store.allocator not in ("auto", "system"):
         raise ConfigError("store.allocator", f"expected auto or system, got {store.allocator!r}")
+    if store.fsync not in ("everysec", "always"):
+        raise ConfigError("store.fsync", f"expected everysec or always, got {store.fsync!r}")
     if store.url is not None and not (
         isinstance(store.url, str) and store.url.startswith(("redis://", "rediss://", "unix://"))
     ):

@@ -251,7 +251,7 @@ class Stack:
                     "--bind", "127.0.0.1",
                     "--dir", str(self.data_dir),
                     "--appendonly", "yes",
-                    "--appendfsync", "everysec",
+                    "--appendfsync", cfg.store.fsync,
                     "--save", "",
                     "--protected-mode", "yes",
                     "--daemonize", "no",

@@ -69,6 +69,11 @@ def test_sample_config_loads() -> None:
             "auto or system",
         ),
         (
+            lambda c: c.setdefault("store", {}).update(fsync="never"),
+            "store.fsync",
+            "everysec or always",
+        ),
+        (
             lambda c: c.setdefault("metering", {}).update(ledger_retention="a while"),
             "metering.ledger_retention",
             "duration",

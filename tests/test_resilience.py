@@ -5,11 +5,13 @@ alone leaves nothing to the sweeper, and a request whose worker died is voided a
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -238,3 +240,27 @@ def _voided_when_its_worker_dies(gw: Gateway) -> None:
         for e in voided
     ), voided
     assert all(by_request[rid]["type"] == "debit" for rid in set(rids) - failed)
+
+
+def test_store_fsync_reaches_the_embedded_valkey(fragile: Gateway, tmp_path: Path) -> None:
+    """``store.fsync``: everysec by default, always on request (every write answered is on
+    disk first, so a crash of the store loses no reservation or settlement it answered)."""
+    import redis
+
+    from extproc.supervisor import Stack
+
+    def appendfsync(port: int) -> str:
+        with redis.Redis(port=port, decode_responses=True) as r:
+            return str(r.config_get("appendfsync")["appendfsync"])
+
+    assert appendfsync(fragile.cfg.store.port) == "everysec"
+    cfg = base_config()
+    cfg["store"]["fsync"] = "always"
+    path = tmp_path / "tollgate.yaml"
+    path.write_text(json.dumps(cfg))
+    stack = Stack(path, start_simulators=False, start_workers=False, start_envoy=False)
+    stack.start(timeout=30)
+    try:
+        assert appendfsync(stack.cfg.store.port) == "always"
+    finally:
+        stack.stop()
