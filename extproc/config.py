@@ -272,8 +272,9 @@ class Store:
     # the embedded Valkey's malloc: "auto" preloads mimalloc (the cmeel-mimalloc wheel) where
     # it is installed, on Linux; "system" keeps libc's (README, "Speed")
     allocator: str = "auto"
-    # the embedded Valkey's appendfsync: "everysec" (a crash can lose the last second of
-    # writes) or "always" (every write answered is on disk first; README, "Credits and limits")
+    # the embedded Valkey's appendfsync: "everysec" (a crash of the machine can lose the last
+    # second of writes) or "always" (every write answered is on disk first; README, "Credits
+    # and limits")
     fsync: str = "everysec"
 
 
