@@ -11,7 +11,7 @@ import pytest
 import redis
 import redis.exceptions
 
-from extproc.resp import FastScript, ScriptClient
+from extproc.resp import AnswerLost, FastScript, ScriptClient
 from extproc.supervisor import port_open, valkey_binary
 from tests.harness import free_port_block
 
@@ -73,6 +73,36 @@ def test_errors_are_redis_py_types(valkey: tuple[int, subprocess.Popen[bytes]]) 
     down = FastScript(ScriptClient(f"redis://127.0.0.1:{port}", timeout=0.5), ECHO)
     with pytest.raises(redis.exceptions.ConnectionError):
         asyncio.run(down(keys=["k"], args=["x"]))
+
+
+def test_a_call_in_flight_when_the_connection_drops_is_answer_lost() -> None:
+    """A call sent and unanswered when the connection closes fails with AnswerLost (the store
+    may have run it: metering voids such a reservation); a call that could not go out at all
+    (nothing listens) is a plain ConnectionError."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = ScriptClient(f"redis://127.0.0.1:{port}", timeout=5)
+    script = FastScript(client, ECHO)
+
+    async def run() -> None:
+        await client._connection()
+        accepted, _ = listener.accept()  # the store took the connection
+        call = asyncio.ensure_future(script(keys=["k"], args=["x"]))
+        await asyncio.sleep(0.1)  # sent
+        assert accepted.recv(1024).startswith(b"*")
+        accepted.close()  # ... and the store went away without answering
+        with pytest.raises(AnswerLost):
+            await call
+        listener.close()
+        with pytest.raises(redis.exceptions.ConnectionError) as never_sent:
+            await script(keys=["k"], args=["y"])
+        assert not isinstance(never_sent.value, AnswerLost)
+
+    asyncio.run(run())
 
 
 def test_calls_the_store_never_answers_time_out() -> None:
