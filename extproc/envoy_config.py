@@ -457,9 +457,10 @@ def _settle_logs() -> list[dict[str, Any]]:
     status = {"comparison": {"op": "EQ", "value": {"default_value": 503, "runtime_key": "-"}}}
     failed = logger(FAILED_LOG, True)
     # its records come just as a worker died, when Envoy may still pick that worker for the
-    # log's stream: a stream that cannot connect tries another worker (with what it carries:
-    # a stream with retries keeps what it sent, which is why only this rarely used log has them;
-    # the settling logs' records in flight to a dying worker are the sweeper's)
+    # log's stream: a stream that cannot connect tries another worker, replaying what it sent
+    # (Envoy keeps the first 64 KB of a stream for that). Only this rarely used log has it: on
+    # a settling log's long-lived stream a replay would be the oldest 64 KB of records, already
+    # settled, and not the ones in flight to a dying worker (those are the sweeper's).
     failed["typed_config"]["common_config"]["grpc_service"]["retry_policy"] = {
         "retry_on": "connect-failure,refused-stream,unavailable,reset",
         "num_retries": 3,
