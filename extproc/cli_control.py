@@ -300,6 +300,10 @@ def credits_show(args: argparse.Namespace) -> int:
                 if e["type"] == "checkpoint":  # retention folded these (README, "Retention")
                     what = f"{e['entries']} earlier entries"
                 lines.append(f"  {e['time']}  {e['type']:10} {e['amount']:>14}  {what}")
+        elif not args.account:  # the credential's own account: an operator's has no ledger
+            lines.append(
+                "\nno ledger entries for the credential's own account; name one: show ACCOUNT"
+            )
         return "\n".join(lines)
 
     return _out(args, {**credits, "recent": recent}, human)

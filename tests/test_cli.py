@@ -58,6 +58,8 @@ def test_round_trip_create_use_revoke(gateway: Gateway, cli) -> None:
     code, out, _ = cli("credits", "show", account)
     assert code == 0 and "balance" in out and "grant" in out
     # the admin key's own account makes no requests: an empty table would look broken
+    code, out, _ = cli("credits", "show")
+    assert code == 0 and "credential's own account" in out and "show ACCOUNT" in out
     code, out, _ = cli("usage")
     assert code == 0 and "credential's own account" in out and "--account" in out
     code, out, _ = cli("usage", "--account", account, "--model", "no-such-model")
