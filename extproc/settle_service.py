@@ -1,12 +1,12 @@
 """Stream settlement inside each worker, fed by Envoy (no ext_proc message per chunk):
 
 * ``AccessLogService`` — Envoy's gRPC access logger streams a record for every finished metered
-  stream, batched (``envoy_config._settle_logs``), and one for each request whose processor
-  failed mid-way (a worker died), whose reservation is voided. The record carries the last usage the
+  stream, batched (``envoy_config._settle_logs``). The record carries the last usage the
   stream meter read (vLLM reports it on every chunk; for other backends, a cut stream's counted
   chunks), so a stream that ran to the end and one the client cut off are both charged for what
   was generated. A message's records settle in one store call (``Ledger.settle_many``), each
-  idempotent by request id.
+  idempotent by request id. A third log sends a record for each request whose processor failed
+  mid-way (a worker died; the client got a 503): its reservation is voided.
 * ``sweep_forever`` — reservations nobody settled (a worker or the store died in between) are
   charged at the reserved amount once they time out, with a ledger entry saying so; and ledger
   entries older than the retention are folded into a checkpoint entry.
