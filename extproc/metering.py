@@ -303,7 +303,9 @@ class Meter:
                 )
             )
 
-        return self._resent_if_lost(send)
+        future = send()
+        future.add_done_callback(lambda f: self._resend_if_lost(f, send))
+        return future
 
     def settle_many(
         self,
@@ -348,14 +350,9 @@ class Meter:
         future.add_done_callback(lambda f: self._resend_if_lost(f, again))
         return future
 
-    def _resent_if_lost(self, send: Callable[[], asyncio.Future[T]]) -> asyncio.Future[T]:
-        """``send()``'s future; if it fails because the store was out of reach, the call goes
-        again later (settle_retry.py), while the future reports the first failure."""
-        future = send()
-        future.add_done_callback(lambda f: self._resend_if_lost(f, send))
-        return future
-
     def _resend_if_lost(self, future: asyncio.Future[Any], send: Callable[[], Any]) -> None:
+        """A done callback: if the store call failed because the store was out of reach, it
+        goes again later with ``send()`` (settle_retry.py); the future keeps the first failure."""
         if not future.cancelled() and lost(future.exception()):
             self.resends.add(send)
 
