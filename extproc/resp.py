@@ -185,25 +185,47 @@ class ScriptClient:
         conn = self._conn
         if conn is None or conn.closed:
             return False
-
-        def answered(f: asyncio.Future[Any]) -> None:
-            try:
-                reply = f.result()
-                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                    if conn.closed:
-                        raise redis.exceptions.ConnectionError("store connection lost")
-                    conn.call("EVAL", source, len(keys), *keys, *args).add_done_callback(answered)
-                    return
-                done(self._check(reply), None)
-            except Exception as exc:
-                done(None, exc)
-
-        conn.call("EVALSHA", sha, len(keys), *keys, *args).add_done_callback(answered)
+        conn.call("EVALSHA", sha, len(keys), *keys, *args).add_done_callback(
+            _Answer(conn, source, keys, args, done)
+        )
         return True
 
     async def aclose(self) -> None:
         if self._conn is not None and self._conn.transport is not None:
             self._conn.transport.close()
+
+
+class _Answer:
+    """The done callback of an ``evalsha_soon`` call: hands the reply to ``done``, after one
+    EVAL when the store lost the script. An object, not a closure: a closure that passes itself
+    as the EVAL's callback is a reference cycle, which (with its keys, args and ``done``) only
+    the cyclic garbage collector frees, once per call on the hot path."""
+
+    __slots__ = ("args", "conn", "done", "keys", "source")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        source: str,
+        keys: list[Any],
+        args: list[Any],
+        done: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        self.conn, self.source, self.keys, self.args, self.done = conn, source, keys, args, done
+
+    def __call__(self, f: asyncio.Future[Any]) -> None:
+        try:
+            reply = f.result()
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                conn = self.conn
+                if conn.closed:
+                    raise redis.exceptions.ConnectionError("store connection lost")
+                keys, args = self.keys, self.args
+                conn.call("EVAL", self.source, len(keys), *keys, *args).add_done_callback(self)
+                return
+            self.done(ScriptClient._check(reply), None)
+        except Exception as exc:
+            self.done(None, exc)
 
 
 class FastScript:
