@@ -416,6 +416,9 @@ return {'ok', balance}
 # entry whose amount is their sum, so the ledger still adds up to the balance (reconcile) and
 # its oldest entry says what was folded. A checkpoint older than the cutoff is folded into the
 # next one with the rest. Oldest first, at most ``limit`` entries per call (each is decoded).
+# Its balance is that sum too: a ledger starts at 0 and holds every change (reconcile), so the
+# sum of its oldest entries is the balance right after them. (Not the last entry's balance:
+# entries of one millisecond are ordered by their JSON text, not by when they were made.)
 # KEYS: ledger.  ARGV: cutoff_ms, limit.  Returns {members read (up to limit), entries newly
 # folded (not counting an earlier checkpoint)}: {0, 0} when only a checkpoint is that old.
 FOLD = (
@@ -425,7 +428,7 @@ local ledger_key, cutoff, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local old = redis.call('ZRANGEBYSCORE', ledger_key, '-inf', '(' .. int(cutoff), 'LIMIT', 0,
                        int(limit))
 if #old == 0 then return {0, 0} end
-local total, n, fresh, first_ts, last_ts, balance = 0, 0, 0, math.huge, 0, 0
+local total, n, fresh, first_ts, last_ts = 0, 0, 0, math.huge, 0
 for _, member in ipairs(old) do
   local e = cjson.decode(member)
   if e.type == 'checkpoint' then
@@ -436,12 +439,12 @@ for _, member in ipairs(old) do
   end
   total = total + e.amount
   first_ts = math.min(first_ts, tonumber(e.since) or e.ts)
-  last_ts, balance = e.ts, e.balance
+  last_ts = e.ts
 end
 redis.call('ZREMRANGEBYRANK', ledger_key, 0, #old - 1)
 redis.call('ZADD', ledger_key, int(last_ts), table.concat({
   '{"id":"checkpoint-', int(last_ts), '-', int(n), '","ts":', int(last_ts),
-  ',"type":"checkpoint","amount":', int(total), ',"balance":', int(balance),
+  ',"type":"checkpoint","amount":', int(total), ',"balance":', int(total),
   ',"entries":', int(n), ',"since":', int(first_ts), '}'}))
 return {#old, fresh}
 """

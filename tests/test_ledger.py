@@ -398,6 +398,31 @@ async def test_retention_folds_old_entries_into_a_checkpoint_that_keeps_the_sum(
     assert await ledger.claim_fold(60) and not await ledger.claim_fold(60)
 
 
+async def test_a_checkpoint_has_the_balance_after_its_entries_even_within_one_millisecond(
+    ledger: Ledger,
+) -> None:
+    """Entries of one millisecond sort by their JSON text, not by when they were made: "zz" is
+    settled before "aa" but sorts after it, so the last entry in the ledger's order is not the
+    last one made, and its balance is not the balance after both."""
+    await ledger.grant("acme", 10**7)
+    t = int(time.time() * 1000) + 10_000
+    for rid in ("zz", "aa"):
+        assert (await ledger.reserve(request(rid), now_ms=t - 1)).ok
+    await ledger.settle("zz", 10, 10, 200, 1, now_ms=t)
+    await ledger.settle("aa", 10, 20, 200, 1, now_ms=t)
+    after_both = (await ledger.balance("acme")).balance
+    by_order = sorted(await ledger.transactions("acme"), key=lambda e: (e["ts"], e["id"]))
+    assert [e["id"] for e in by_order[-2:]] == ["aa", "zz"]
+    assert by_order[-1]["balance"] != after_both  # "zz" was made first
+
+    assert await ledger.fold("acme", t + 1) == 3
+    [checkpoint] = await ledger.transactions("acme")
+    assert checkpoint["type"] == "checkpoint" and checkpoint["ts"] == t
+    assert checkpoint["balance"] == checkpoint["amount"] == after_both
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == after_both
+
+
 async def test_the_sweeper_folds_what_is_older_than_the_retention(ledger: Ledger) -> None:
     from extproc.metrics import Metrics
     from extproc.settle_service import sweep_forever
