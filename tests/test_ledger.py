@@ -996,7 +996,7 @@ async def test_the_hot_paths_store_calls_leave_no_reference_cycles(
 ) -> None:
     """Reserve, settle_soon and settle_many_soon over the pipelined client free what they made
     by reference counting: cyclic garbage per call would cost every request a share of the
-    garbage collector's passes (a closure that was its own callback made ~15 objects a call)."""
+    garbage collector's passes (a closure that was its own callback left ~17 objects a call)."""
     import gc
 
     from extproc.resp import ScriptClient

@@ -94,10 +94,6 @@ def test_no_key_or_prompt_in_any_log(tmp_path_factory: pytest.TempPathFactory) -
 def test_workers_freeze_what_they_made_at_startup(gateway: Gateway) -> None:
     """The startup objects are moved out of the collector's reach (gc.freeze), so its full
     passes, which pause every request in flight, scan only what was made since."""
-    ready = []
-    for path in (gateway.stack.run_dir / "logs").glob("worker-*.log"):
-        for line in path.read_text().splitlines():
-            if line.startswith("{") and '"worker_ready"' in line:
-                ready.append(json.loads(line))
+    ready = _lines(gateway, '"worker_ready"')
     assert ready
     assert all(e["frozen_objects"] > 10_000 for e in ready), ready
