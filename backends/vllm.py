@@ -12,9 +12,18 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embe
 simulator control: ``GET|DELETE /sim/requests``, ``GET|POST /sim/config``.
 
 Per-request knobs (headers): ``x-sim-ttft-ms``, ``x-sim-itl-ms``, ``x-sim-output-tokens``,
-``x-sim-error: <status>`` (answer that error at once), ``x-sim-error-after: <n>`` (a stream
-sends n tokens, then an in-stream error frame and ``[DONE]``; a non-stream request answers
-500 after its generation time).
+``x-sim-error: <status>`` (answer that error at once), ``x-sim-error-after: <k>`` (a stream
+sends k tokens, k of each choice, then an in-stream error frame and ``[DONE]``; a
+non-stream request answers 500 after its generation time).
+
+``n`` (several choices per prompt) works as in vLLM: chat answers n choices, completions
+``len(prompt) * n`` (choice ``index = prompt_index * n + j``); each choice has its own
+deterministic text (choice 0 is what ``n=1`` gives); ``usage`` counts every prompt once and
+sums the completion tokens of all choices. Streams send one role chunk per choice (chat),
+then one-choice chunks with the choices advancing together token by token; continuous usage
+stats are per choice (vLLM's ``previous_num_tokens[i]``), the final usage chunk is the sum.
+``/metrics`` counts each choice as a finished request, as vLLM's engine does with the n child
+requests it splits such a request into.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -340,6 +350,7 @@ class _Plan:
         "headers",
         "include_usage",
         "itl",
+        "n",
         "rid",
         "tool",
         "ttft",
@@ -365,6 +376,31 @@ class _Plan:
         self.arrival = time.perf_counter()
         self.include_usage = False
         self.continuous_usage = False
+        self.n = 1  # choices per prompt: ``gens`` is prompt-major, ``len(prompts) * n`` long
+
+
+def _choice_seed(seed: bytes, j: int) -> bytes:
+    """The text seed of choice ``j`` of a prompt: choice 0 is the prompt's own seed (the
+    ``n=1`` text), later choices a deterministic derivation, so each choice reads differently."""
+    if j == 0:
+        return seed
+    return hashlib.blake2b(
+        seed + j.to_bytes(4, "little"), digest_size=16, person=b"tollgate-choice"
+    ).digest()
+
+
+def _tool_call_id(plan: _Plan, i: int) -> str:
+    """The ``chatcmpl-tool-<hex>`` id of choice ``i``'s tool call (vLLM makes a fresh one per
+    choice; the simulator derives them from the request id so they stay reproducible)."""
+    if i == 0:
+        return "chatcmpl-tool-" + plan.rid[-16:]
+    digest = hashlib.blake2b(f"{plan.rid}:{i}".encode(), digest_size=8).hexdigest()
+    return "chatcmpl-tool-" + digest
+
+
+def _prompt_tokens(plan: _Plan) -> int:
+    """Prompt tokens of the request: each prompt counted once, however many choices it has."""
+    return sum(g.prompt_tokens for g in plan.gens[:: plan.n])
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -558,6 +594,37 @@ class VllmSimulator(SimControl):
             return error_response(400, message, "BadRequestError", param, headers)
         return value, param
 
+    @staticmethod
+    def _num_choices(body: dict[str, Any], headers: list[Header]) -> int | Response:
+        """``n``, the number of choices per prompt (absent or null: 1).
+
+        pydantic's ``n: Optional[int]`` takes a whole float (``2.0``) and rejects any other
+        non-integer with a validation 400; vLLM's ``SamplingParams._verify_args`` then rejects
+        ``n < 1``, and ``_verify_greedy_sampling`` ``n > 1`` with ``temperature: 0`` (small
+        positive temperatures are raised to 0.01 first, so only 0 is greedy). vLLM 0.11 raises
+        both as a plain ``ValueError``: a 400 ``BadRequestError`` with ``param`` null.
+        """
+        value = body.get("n")
+        if value is None:
+            return 1
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, float):
+            msg = "Input should be a valid integer, got a number with a fractional part"
+            return validation_error([_field_error("int_from_float", ("n",), msg)], headers)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return validation_error(
+                [_field_error("int_type", ("n",), "Input should be a valid integer")], headers
+            )
+        if value < 1:
+            message = f"n must be at least 1, got {value}."
+            return error_response(400, message, "BadRequestError", None, headers)
+        temperature = body.get("temperature")
+        if value > 1 and temperature == 0 and not isinstance(temperature, bool):
+            message = f"n must be 1 when using greedy sampling, got {value}."
+            return error_response(400, message, "BadRequestError", None, headers)
+        return value
+
     def _knobs(self, req: Request) -> tuple[float, float, int, int | None]:
         h, c = req.headers, self.config
         ttft = _knob_float(h, "x-sim-ttft-ms", c.ttft_ms) / 1000.0
@@ -575,7 +642,12 @@ class VllmSimulator(SimControl):
         natural: int,
         prompt_param: str,
         headers: list[Header],
+        choices: int = 1,
     ) -> list[_Gen] | Response:
+        """Check each prompt against the context and plan its ``choices`` generations
+        (prompt-major: prompt p's choice j is ``gens[p * choices + j]``). Every choice of a
+        prompt gets the same length (the ``max_tokens`` limit, else the natural length, cut to
+        the context room) and its own text (:func:`_choice_seed`)."""
         max_len = self.config.max_model_len
         gens = []
         for seed, prompt_tokens in prompts:
@@ -606,7 +678,9 @@ class VllmSimulator(SimControl):
             room = max_len - prompt_tokens
             if n > room:
                 n, reason = room, "length"
-            gens.append(_Gen(prompt_tokens, textgen.generate_tokens(seed, n), reason))
+            for j in range(choices):
+                tokens = textgen.generate_tokens(_choice_seed(seed, j), n)
+                gens.append(_Gen(prompt_tokens, tokens, reason))
         return gens
 
     def _queue_full(self, headers: list[Header]) -> Response:
@@ -693,6 +767,9 @@ class VllmSimulator(SimControl):
         limit = self._max_tokens(body, None, headers)
         if isinstance(limit, Response):
             return limit
+        choices = self._num_choices(body, headers)
+        if isinstance(choices, Response):
+            return choices
         try:
             ttft, itl, natural, error_after = self._knobs(req)
         except _BadKnob as exc:
@@ -704,6 +781,7 @@ class VllmSimulator(SimControl):
             natural,
             "messages",
             headers,
+            choices,
         )
         if isinstance(gens, Response):
             return gens
@@ -711,6 +789,7 @@ class VllmSimulator(SimControl):
         if body.get("add_generation_prompt") is False:
             role = str(body["messages"][-1].get("role", "assistant"))
         plan = _Plan("chatcmpl-" + rid, headers, gens, ttft, itl, error_after)
+        plan.n = choices
         bad_tools = self._plan_tool_call(plan, body, prompt_text, limit[0])
         if bad_tools is not None:
             return bad_tools
@@ -733,7 +812,8 @@ class VllmSimulator(SimControl):
         """With ``tools`` (and ``tool_choice`` not ``none``) the answer is a call of the named
         tool, or of the first for ``auto``/``required`` (as a server started with
         ``--enable-auto-tool-choice`` and a tool parser): arguments that satisfy the function's
-        schema, generated 5 characters per token."""
+        schema, generated 5 characters per token. With ``n > 1`` every choice makes the same
+        call (the arguments derive from the prompt)."""
         tools = body.get("tools")
         if tools is None:
             return None
@@ -761,68 +841,102 @@ class VllmSimulator(SimControl):
             return None
         args = tool_arguments(tool, prompt)
         pieces = tuple(args[i : i + 5] for i in range(0, len(args), 5))
-        gen = plan.gens[0]
-        if limit is not None and limit < len(pieces):
-            gen.tokens, gen.finish_reason = pieces[:limit], "length"
-        else:
-            gen.tokens, gen.finish_reason = pieces, "tool_calls"
+        for gen in plan.gens:
+            if limit is not None and limit < len(pieces):
+                gen.tokens, gen.finish_reason = pieces[:limit], "length"
+            else:
+                gen.tokens, gen.finish_reason = pieces, "tool_calls"
         plan.tool = tool["name"]
         return None
 
     def _chat_body(self, plan: _Plan, role: str) -> bytes:
-        gen = plan.gens[0]
-        n = len(gen.tokens)
-        content: str | None = "".join(gen.tokens)
-        tool_calls: list[dict[str, Any]] = []
-        if plan.tool is not None:
-            tool_calls = [
-                {
-                    "id": "chatcmpl-tool-" + plan.rid[-16:],
-                    "type": "function",
-                    "function": {"name": plan.tool, "arguments": content},
-                }
-            ]
-            content = None
+        """vLLM's ``chat_completion_full_generator``: one choice per output; ``usage`` has the
+        prompt once and the completion tokens of all choices summed."""
+        choices = [self._chat_choice(plan, role, i, gen) for i, gen in enumerate(plan.gens)]
+        completion = sum(len(g.tokens) for g in plan.gens)
         return orjson.dumps(
             {
                 "id": plan.rid,
                 "object": "chat.completion",
                 "created": plan.created,
                 "model": self.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {
-                            "role": role,
-                            "content": content,
-                            "refusal": None,
-                            "annotations": None,
-                            "audio": None,
-                            "function_call": None,
-                            "tool_calls": tool_calls,
-                            "reasoning": None,
-                        },
-                        "logprobs": None,
-                        "finish_reason": gen.finish_reason,
-                        "stop_reason": None,
-                        "token_ids": None,
-                    }
-                ],
+                "choices": choices,
                 "service_tier": None,
                 "system_fingerprint": None,
-                "usage": {**_usage(gen.prompt_tokens, n), "prompt_tokens_details": None},
+                "usage": {
+                    **_usage(_prompt_tokens(plan), completion),
+                    "prompt_tokens_details": None,
+                },
                 "prompt_logprobs": None,
                 "prompt_token_ids": None,
                 "kv_transfer_params": None,
             }
         )
 
+    @staticmethod
+    def _chat_choice(plan: _Plan, role: str, i: int, gen: _Gen) -> dict[str, Any]:
+        """Choice ``i`` of a non-stream chat answer (its text, or its tool call)."""
+        content: str | None = "".join(gen.tokens)
+        tool_calls: list[dict[str, Any]] = []
+        if plan.tool is not None:
+            tool_calls = [
+                {
+                    "id": _tool_call_id(plan, i),
+                    "type": "function",
+                    "function": {"name": plan.tool, "arguments": content},
+                }
+            ]
+            content = None
+        return {
+            "index": i,
+            "message": {
+                "role": role,
+                "content": content,
+                "refusal": None,
+                "annotations": None,
+                "audio": None,
+                "function_call": None,
+                "tool_calls": tool_calls,
+                "reasoning": None,
+            },
+            "logprobs": None,
+            "finish_reason": gen.finish_reason,
+            "stop_reason": None,
+            "token_ids": None,
+        }
+
+    @staticmethod
+    def _steps(plan: _Plan) -> int:
+        """How many token steps a stream sends: the longest choice's length, or at most
+        ``x-sim-error-after`` steps. With several choices (or prompts) a step sends the next
+        token of every unfinished choice, so ``x-sim-error-after: k`` lets each choice stream
+        its first k tokens (k chunks per choice, not k in total) before the error frame, the
+        same count the non-stream bookkeeping uses."""
+        longest = max(len(g.tokens) for g in plan.gens)
+        return longest if plan.error_after is None else min(plan.error_after, longest)
+
+    @staticmethod
+    async def _pace(plan: _Plan, t_first: float, step: int) -> None:
+        """Sleep until token step ``step`` is due: ``itl`` apart, starting at ``t_first``."""
+        if step and plan.itl > 0:
+            delay = t_first + step * plan.itl - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
     async def _chat_stream(self, plan: _Plan, role: str) -> AsyncIterator[bytes]:
-        gen = plan.gens[0]
-        tokens, prompt_tokens = gen.tokens, gen.prompt_tokens
-        n = len(tokens)
+        """vLLM's ``chat_completion_stream_generator``.
+
+        First one role chunk per choice (``index`` 0..n-1); then one chunk per token, each
+        holding a single choice, the choices advancing together (step k sends token k of
+        choice 0, then of choice 1, ...; a finished choice sends nothing more); a choice's
+        last token chunk carries its ``finish_reason``. With continuous usage every chunk's
+        ``completion_tokens`` is that choice's own running count (``previous_num_tokens[i]``,
+        0 on the role chunks), not the request's; the final usage chunk has the prompt once
+        and the sum over the choices.
+        """
+        gens = plan.gens
+        prompt_tokens = _prompt_tokens(plan)
         error_after = plan.error_after
-        sendable = n if error_after is None else min(error_after, n)
         head = {
             "id": plan.rid,
             "object": "chat.completion.chunk",
@@ -832,56 +946,35 @@ class VllmSimulator(SimControl):
         continuous = plan.continuous_usage
         t_start = time.perf_counter()
         t_first: float | None = None
-        sent = 0
+        sent = [0] * len(gens)
         reason = "abort"
         try:
             if plan.ttft > 0:
                 await asyncio.sleep(plan.ttft)
             t_first = time.perf_counter()
-            first: dict[str, Any] = {
-                **head,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": role, "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            }
-            if continuous:
-                first["usage"] = _usage(prompt_tokens, 0)
-            first["prompt_token_ids"] = None
-            yield _sse(first)
-            itl = plan.itl
-            for i in range(sendable):
-                if i and itl > 0:
-                    delay = t_first + i * itl - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                delta: dict[str, Any] = {"content": tokens[i]}
-                if plan.tool is not None:  # vLLM streams a tool call's arguments as deltas
-                    call: dict[str, Any] = {"index": 0, "function": {"arguments": tokens[i]}}
-                    if i == 0:
-                        call["id"] = "chatcmpl-tool-" + plan.rid[-16:]
-                        call["type"] = "function"
-                        call["function"]["name"] = plan.tool
-                    delta = {"tool_calls": [call]}
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": None,
+            for i in range(len(gens)):
+                first: dict[str, Any] = {
+                    **head,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": role, "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
                 }
-                if error_after is None and i == n - 1:
-                    choice["finish_reason"] = gen.finish_reason
-                    choice["stop_reason"] = None
-                choice["token_ids"] = None
-                chunk: dict[str, Any] = {**head, "choices": [choice]}
                 if continuous:
-                    chunk["usage"] = _usage(prompt_tokens, i + 1)
-                sent = i + 1
-                yield _sse(chunk)
+                    first["usage"] = _usage(prompt_tokens, 0)
+                first["prompt_token_ids"] = None
+                yield _sse(first)
+            for step in range(self._steps(plan)):
+                await self._pace(plan, t_first, step)
+                for i, gen in enumerate(gens):
+                    if step >= len(gen.tokens):
+                        continue
+                    sent[i] = step + 1
+                    yield _sse(self._chat_chunk(plan, head, i, gen, step, prompt_tokens))
             if error_after is not None:
                 reason = "error"
                 yield self._stream_error()
@@ -889,10 +982,39 @@ class VllmSimulator(SimControl):
                 return
             reason = "ok"
             if plan.include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, n)})
+                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(sent))})
             yield _SSE_DONE
         finally:
-            self._finish(plan, reason, [sent], t_start, t_first)
+            self._finish(plan, reason, sent, t_start, t_first)
+
+    @staticmethod
+    def _chat_chunk(
+        plan: _Plan, head: dict[str, Any], i: int, gen: _Gen, step: int, prompt_tokens: int
+    ) -> dict[str, Any]:
+        """The stream chunk of choice ``i``'s token ``step``."""
+        token = gen.tokens[step]
+        delta: dict[str, Any] = {"content": token}
+        if plan.tool is not None:  # vLLM streams a tool call's arguments as deltas
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": token}}
+            if step == 0:
+                call["id"] = _tool_call_id(plan, i)
+                call["type"] = "function"
+                call["function"]["name"] = plan.tool
+            delta = {"tool_calls": [call]}
+        choice: dict[str, Any] = {
+            "index": i,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        if plan.error_after is None and step == len(gen.tokens) - 1:
+            choice["finish_reason"] = gen.finish_reason
+            choice["stop_reason"] = None
+        choice["token_ids"] = None
+        chunk: dict[str, Any] = {**head, "choices": [choice]}
+        if plan.continuous_usage:
+            chunk["usage"] = _usage(prompt_tokens, step + 1)
+        return chunk
 
     @staticmethod
     def _stream_error() -> bytes:
@@ -922,14 +1044,18 @@ class VllmSimulator(SimControl):
         limit = self._max_tokens(body, 16, headers)  # vLLM's CompletionRequest default
         if isinstance(limit, Response):
             return limit
+        choices = self._num_choices(body, headers)
+        if isinstance(choices, Response):
+            return choices
         try:
             ttft, itl, natural, error_after = self._knobs(req)
         except _BadKnob as exc:
             return error_response(400, str(exc), headers=headers)
-        gens = self._plan_gens(prompts, limit[0], limit[1], natural, "prompt", headers)
+        gens = self._plan_gens(prompts, limit[0], limit[1], natural, "prompt", headers, choices)
         if isinstance(gens, Response):
             return gens
         plan = _Plan("cmpl-" + rid, headers, gens, ttft, itl, error_after)
+        plan.n = choices
         if not stream:
             return await self._generate_full(plan, lambda: self._completion_body(plan))
         plan.include_usage, plan.continuous_usage = include_usage, continuous
@@ -976,8 +1102,11 @@ class VllmSimulator(SimControl):
         return invalid("Input should be a string, a list of strings or token id list(s)")
 
     def _completion_body(self, plan: _Plan) -> bytes:
+        """vLLM's ``request_output_to_completion_response``: the choices of every prompt in
+        turn (``index = prompt_index * n + j``); ``usage`` has each prompt once and the
+        completion tokens of all choices summed."""
         choices = []
-        prompt_total = completion_total = 0
+        completion_total = 0
         for i, gen in enumerate(plan.gens):
             choices.append(
                 {
@@ -991,7 +1120,6 @@ class VllmSimulator(SimControl):
                     "prompt_token_ids": None,
                 }
             )
-            prompt_total += gen.prompt_tokens
             completion_total += len(gen.tokens)
         return orjson.dumps(
             {
@@ -1002,12 +1130,20 @@ class VllmSimulator(SimControl):
                 "choices": choices,
                 "service_tier": None,
                 "system_fingerprint": None,
-                "usage": {**_usage(prompt_total, completion_total), "prompt_tokens_details": None},
+                "usage": {
+                    **_usage(_prompt_tokens(plan), completion_total),
+                    "prompt_tokens_details": None,
+                },
                 "kv_transfer_params": None,
             }
         )
 
     async def _completion_stream(self, plan: _Plan) -> AsyncIterator[bytes]:
+        """vLLM's ``completion_stream_generator``: one chunk per token, each holding a single
+        choice (``index = prompt_index * n + j``), the choices advancing together; a choice's
+        last token carries its ``finish_reason``. Continuous usage is per choice (its prompt,
+        its own running count); the final usage chunk has each prompt once and the sum over
+        all choices."""
         gens = plan.gens
         head = {
             "id": plan.rid,
@@ -1015,9 +1151,7 @@ class VllmSimulator(SimControl):
             "created": plan.created,
             "model": self.model_name,
         }
-        longest = max(len(g.tokens) for g in gens)
         error_after = plan.error_after
-        steps = longest if error_after is None else min(error_after, longest)
         sent = [0] * len(gens)
         t_start = time.perf_counter()
         t_first: float | None = None
@@ -1026,11 +1160,8 @@ class VllmSimulator(SimControl):
             if plan.ttft > 0:
                 await asyncio.sleep(plan.ttft)
             t_first = time.perf_counter()
-            for step in range(steps):
-                if step and plan.itl > 0:
-                    delay = t_first + step * plan.itl - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+            for step in range(self._steps(plan)):
+                await self._pace(plan, t_first, step)
                 for i, gen in enumerate(gens):
                     n = len(gen.tokens)
                     if step >= n:
@@ -1063,7 +1194,7 @@ class VllmSimulator(SimControl):
                 return
             reason = "ok"
             if plan.include_usage:
-                prompt_total = sum(g.prompt_tokens for g in gens)
+                prompt_total = _prompt_tokens(plan)
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_total, sum(sent))})
             yield _SSE_DONE
         finally:

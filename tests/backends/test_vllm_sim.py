@@ -57,10 +57,15 @@ def tight() -> Iterator[SimulatorProcess]:
         yield proc
 
 
-def sse_data(client: httpx.Client, body: dict[str, Any], **headers: str) -> list[str]:
+def sse_data(
+    client: httpx.Client,
+    body: dict[str, Any],
+    path: str = "/v1/chat/completions",
+    **headers: str,
+) -> list[str]:
     """POST a stream request and return the raw ``data:`` payloads."""
     out = []
-    with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
+    with client.stream("POST", path, json=body, headers=headers) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"] == "text/event-stream; charset=utf-8"
         assert resp.headers["transfer-encoding"] == "chunked"
@@ -418,6 +423,159 @@ def test_completions(oai: openai.OpenAI, http: httpx.Client) -> None:
     assert ids["usage"]["prompt_tokens"] == 3
     r = http.post("/v1/completions", json={"model": MODEL})
     assert r.status_code == 400
+
+
+# --- n: several choices per request ------------------------------------------------------
+
+CONTINUOUS = {"include_usage": True, "continuous_usage_stats": True}
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def test_chat_n_choices(oai: openai.OpenAI, http: httpx.Client) -> None:
+    one = oai.chat.completions.create(model=MODEL, messages=MESSAGES)
+    before = http.get("/metrics").text
+    resp = oai.chat.completions.create(model=MODEL, messages=MESSAGES, n=3)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    texts = [c.message.content or "" for c in resp.choices]
+    assert len(set(texts)) == 3  # each choice generates its own text
+    assert texts[0] == one.choices[0].message.content  # choice 0 is the n=1 answer
+    assert all(len(t.split()) == 16 for t in texts)
+    assert all(c.finish_reason == "stop" for c in resp.choices)
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (17, 3 * 16)  # prompt once
+    assert resp.usage.total_tokens == 17 + 48
+    again = oai.chat.completions.create(model=MODEL, messages=MESSAGES, n=3)
+    assert [c.message.content for c in again.choices] == texts  # deterministic
+    after = http.get("/metrics").text
+    gen = "vllm:generation_tokens_total"
+    assert metric(after, gen) == metric(before, gen) + 2 * 48  # every choice's tokens count
+
+    short = oai.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, max_tokens=4)
+    assert [c.finish_reason for c in short.choices] == ["length", "length"]
+    prefixes = [" " + " ".join(t.split()[:4]) for t in texts[:2]]
+    assert [c.message.content for c in short.choices] == prefixes  # each choice cut at 4
+    assert short.usage is not None and short.usage.completion_tokens == 8
+
+
+def test_completions_n_with_prompt_list(oai: openai.OpenAI, http: httpx.Client) -> None:
+    resp = oai.completions.create(model=MODEL, prompt=["a b", "c d e"], n=2, max_tokens=3)
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]  # prompt_index * n + j
+    texts = [c.text for c in resp.choices]
+    assert texts[0] == textgen.generate_text("a b", 3)  # each prompt's choice 0 is its n=1 text
+    assert texts[2] == textgen.generate_text("c d e", 3)
+    assert len(set(texts)) == 4
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (2 + 3, 4 * 3)
+
+    body = {"model": MODEL, "prompt": ["a b", "c d e"], "n": 2, "max_tokens": 3}
+    data = sse_data(
+        http, {**body, "stream": True, "stream_options": CONTINUOUS}, path="/v1/completions"
+    )
+    assert data[-1] == "[DONE]"
+    events = [json.loads(d) for d in data[:-1]]
+    chunks, final = events[:-1], events[-1]
+    assert all(len(e["choices"]) == 1 for e in chunks)
+    assert [e["choices"][0]["index"] for e in chunks] == [0, 1, 2, 3] * 3
+    usage = [(e["usage"]["prompt_tokens"], e["usage"]["completion_tokens"]) for e in chunks]
+    assert usage == [(2, k) if i < 2 else (3, k) for k in (1, 2, 3) for i in range(4)]
+    for i, text in enumerate(texts):
+        assert (
+            "".join(e["choices"][0]["text"] for e in chunks if e["choices"][0]["index"] == i)
+            == text
+        )
+    assert final["choices"] == []
+    assert final["usage"] == {"prompt_tokens": 5, "total_tokens": 17, "completion_tokens": 12}
+
+
+def test_chat_stream_n_continuous_usage(http: httpx.Client) -> None:
+    base = {"model": MODEL, "messages": MESSAGES, "n": 2, "max_tokens": 3}
+    full = http.post("/v1/chat/completions", json=base).json()
+    data = sse_data(http, {**base, "stream": True, "stream_options": CONTINUOUS})
+    assert data[-1] == "[DONE]"
+    events = [json.loads(d) for d in data[:-1]]
+    assert len(events) == 2 + 2 * 3 + 1
+    roles, tokens, final = events[:2], events[2:-1], events[-1]
+    for i, event in enumerate(roles):  # one role chunk per choice, before any token
+        assert event["choices"] == [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ]
+        assert event["usage"] == {"prompt_tokens": 17, "total_tokens": 17, "completion_tokens": 0}
+    assert all(len(e["choices"]) == 1 for e in tokens)  # one choice per chunk, interleaved
+    assert [e["choices"][0]["index"] for e in tokens] == [0, 1, 0, 1, 0, 1]
+    # vLLM's continuous usage is the choice's own running count, not the request's total
+    assert [e["usage"]["completion_tokens"] for e in tokens] == [1, 1, 2, 2, 3, 3]
+    assert all(e["usage"]["prompt_tokens"] == 17 for e in tokens)
+    finishes = [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in tokens]
+    assert [f for f in finishes if f[1] is not None] == [(0, "length"), (1, "length")]
+    assert finishes[-2:] == [(0, "length"), (1, "length")]  # each on its choice's last token
+    for choice in full["choices"]:
+        i = choice["index"]
+        streamed = "".join(
+            e["choices"][0]["delta"]["content"] for e in tokens if e["choices"][0]["index"] == i
+        )
+        assert streamed == choice["message"]["content"]
+    assert final["choices"] == []
+    assert final["usage"] == {"prompt_tokens": 17, "total_tokens": 23, "completion_tokens": 6}
+    assert full["usage"]["completion_tokens"] == 6 and full["usage"]["prompt_tokens"] == 17
+
+
+def test_chat_stream_n_error_after_and_tools(http: httpx.Client) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "n": 2, "stream": True}
+    data = sse_data(http, body, **{"x-sim-error-after": "2"})
+    assert data[-1] == "[DONE]" and "error" in json.loads(data[-2])
+    tokens = [json.loads(d) for d in data[2:-2]]  # after the two role chunks
+    assert [e["choices"][0]["index"] for e in tokens] == [0, 1, 0, 1]  # 2 steps of each choice
+    assert all(e["choices"][0]["finish_reason"] is None for e in tokens)
+
+    calls = http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "n": 2, "tools": TOOLS}
+    ).json()["choices"]
+    assert [c["finish_reason"] for c in calls] == ["tool_calls", "tool_calls"]
+    fns = [c["message"]["tool_calls"][0] for c in calls]
+    assert fns[0]["function"] == fns[1]["function"]  # the same call in every choice
+    assert fns[0]["function"]["name"] == "get_weather"
+    assert fns[0]["id"] != fns[1]["id"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_n_validation(http: httpx.Client, path: str) -> None:
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 2}
+    body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "a b"})
+    r = http.post(path, json={**body, "n": 0})
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "n must be at least 1, got 0.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+    for bad in (1.5, "two", True):
+        r = http.post(path, json={**body, "n": bad})
+        assert r.status_code == 400, bad
+        err = r.json()["error"]
+        assert err["type"] == "Bad Request" and err["param"] == "body.n"
+        assert "valid integer" in err["message"]
+    r = http.post(path, json={**body, "n": 2, "temperature": 0})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "n must be 1 when using greedy sampling, got 2."
+    for ok, count in ((None, 1), (1, 1), (2.0, 2)):
+        r = http.post(path, json={**body, "n": ok})
+        assert r.status_code == 200 and len(r.json()["choices"]) == count, ok
+    assert http.post(path, json={**body, "n": 1, "temperature": 0}).status_code == 200
 
 
 # --- embeddings -------------------------------------------------------------------------
