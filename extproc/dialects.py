@@ -376,6 +376,13 @@ class ProxyTranslator:
                         "parameters.max_new_tokens",
                     )
                 view["max_tokens"] = max_new
+            best_of = params.get("best_of")
+            if best_of is not None:  # TGI generates every candidate (each up to max_new_tokens)
+                if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
+                    raise invalid(
+                        "'parameters.best_of' must be a positive integer.", "parameters.best_of"
+                    )
+                view["best_of"] = best_of
             return route.stream, view
         if op is RERANK:
             query, texts = body.get("query"), body.get("texts")

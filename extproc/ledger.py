@@ -42,6 +42,12 @@ log = structlog.get_logger("tollgate.ledger")
 MAX_EXACT = 2**53  # Lua numbers are doubles: every amount and product must stay below this
 
 
+def out_of_range(price: Price, prompt_tokens: int, completion_tokens: int) -> bool:
+    """Whether the tokens x price products leave the range the store computes exactly."""
+    worst = prompt_tokens * price.input_per_1m + completion_tokens * price.output_per_1m
+    return worst >= MAX_EXACT
+
+
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -67,6 +73,9 @@ class ReserveRequest:
     # What prompt_tokens count: "tokens", or a media unit ("audio_seconds", "characters",
     # "images") priced through the price's input_per_1m and kept out of the tokens window.
     unit: str = "tokens"
+    # How many sequences the backend generates, each up to max_tokens (tokens.sequences): the
+    # worst case is this many times the granted max_tokens, and a clamp shares the money out.
+    sequences: int = 1
 
 
 @dataclass(slots=True)
@@ -88,8 +97,11 @@ class Reservation:
     balance: int
     pending: int
     available: int
-    tokens: int = 0  # prompt estimate + granted: what the reservation counted in the window
+    # prompt estimate + granted x sequences: what the reservation counted in the window
+    tokens: int = 0
     unit: str = "tokens"  # ReserveRequest.unit
+    prompt_estimate: int = 0  # ReserveRequest.prompt_tokens (0 for a media unit)
+    sequences: int = 1  # ReserveRequest.sequences: granted is per sequence
 
     @property
     def ok(self) -> bool:
@@ -153,9 +165,10 @@ class Ledger:
         requested = req.requested_max_tokens or 0
         if min(req.prompt_tokens, requested, req.cap) < 0 or req.ttl_ms <= 0:
             raise ValueError("prompt_tokens, requested_max_tokens, cap and ttl_ms must be >= 0")
+        if req.sequences < 1:
+            raise ValueError("sequences must be >= 1")
         p = req.price
-        worst = req.prompt_tokens * p.input_per_1m + max(requested, req.cap) * p.output_per_1m
-        if worst >= MAX_EXACT:
+        if out_of_range(p, req.prompt_tokens, max(requested, req.cap) * req.sequences):
             raise ValueError("tokens x price out of range for exact arithmetic")
         minute = now // 60_000
         keys = [
@@ -174,6 +187,7 @@ class Ledger:
             p.input_per_1m, p.output_per_1m, p.per_request,
             req.limits.rpm, req.limits.tpm, req.limits.concurrency,
             now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash), req.unit,
+            req.sequences,
         ]  # fmt: skip
         call = self._scripts.reserve(keys=keys, args=args)
         if abandoned_reason and not self._ordered:
@@ -181,8 +195,10 @@ class Ledger:
         else:
             reply = await call
         res = Reservation(_str(reply[0]), *map(int, reply[1:12]))
-        res.unit = req.unit
-        res.tokens = req.prompt_tokens + res.granted if req.unit == "tokens" else 0
+        res.unit, res.sequences = req.unit, req.sequences
+        if req.unit == "tokens":
+            res.prompt_estimate = req.prompt_tokens
+            res.tokens = req.prompt_tokens + res.granted * req.sequences
         return res
 
     async def _void_if_abandoned(self, call: Any, request_id: str, reason: str) -> Any:

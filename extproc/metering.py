@@ -28,13 +28,13 @@ import structlog
 
 from .config import GatewayConfig, Model
 from .errors import GatewayError
-from .ledger import Ledger, Reservation, ReserveRequest, SettleCall, Settlement
+from .ledger import Ledger, Reservation, ReserveRequest, SettleCall, Settlement, out_of_range
 from .media import UNITS, metered_price, reserved_units
 from .metrics import Metrics
 from .money import format_credits, token_cost
 from .resp import AnswerLost
 from .settle_retry import SettleRetry, lost
-from .tokens import estimate_prompt_tokens
+from .tokens import estimate_prompt_tokens, longest_prompt_tokens, sequences
 
 log = structlog.get_logger("tollgate.metering")
 T = TypeVar("T")
@@ -90,6 +90,7 @@ class Meter:
         else:  # media: the worst case in its own unit, priced through input_per_1m
             prompt = reserved_units(op, model, body)
         requested: int | None = None
+        seqs = 1
         if op in GENERATIVE:
             requested = body.get("max_completion_tokens") or body.get("max_tokens")
             param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
@@ -99,13 +100,24 @@ class Meter:
                     f"'{param}' is {requested}; this model allows at most {model.max_tokens}.",
                     param,
                 )
-            cap = min(model.max_tokens, model.context_length - prompt)
+            longest = longest_prompt_tokens(op, body, prompt)
+            cap = min(model.max_tokens, model.context_length - longest)
             if cap < 1:
                 raise GatewayError(
                     "context_length_exceeded",
-                    f"The prompt is about {prompt} tokens; this model's context is "
+                    f"The prompt is about {longest} tokens; this model's context is "
                     f"{model.context_length}.",
                     "messages" if op == "chat" else "prompt",
+                )
+            # n choices (per prompt of a batch; best_of candidates): each may run to max_tokens
+            seqs = sequences(op, body)
+            if out_of_range(self.prices[model.id], prompt, (requested or cap) * seqs):
+                raise GatewayError(
+                    "invalid_request_error",
+                    f"This request could generate {(requested or cap) * seqs} tokens "
+                    f"({seqs} sequences); that is more than the gateway can price. Lower 'n' "
+                    f"or '{param}', or send fewer prompts.",
+                    "n" if body.get("n") else param,
                 )
         else:
             cap = 0
@@ -123,6 +135,7 @@ class Meter:
             limits=principal.limits or self.default_limits,
             ttl_ms=self.ttl_ms,
             unit=unit,
+            sequences=seqs,
         )
         # a worker cancelled here (Envoy closed the stream: the client left) does not leave
         # the reservation for the sweeper to charge (processor._reserve, Ledger.reserve)

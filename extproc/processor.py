@@ -555,8 +555,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if stream:
                 asked = body.get("stream_options") or {}
                 # Usage on every chunk, so a stream cut short is charged for what it generated.
+                # Not with several choices: vLLM's running usage then counts the chunk's own
+                # choice only, so the stream meter counts the chunks of all of them instead.
                 options: dict[str, Any] = {"include_usage": True}
-                if st.backend.kind == "vllm":
+                if st.backend.kind == "vllm" and res.sequences == 1:
                     options["continuous_usage_stats"] = True
                 body["stream_options"] = options
                 changed = True
@@ -578,7 +580,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         "available": res.available + res.amount,
                         # a cut stream from a backend without running usage is charged this
                         # and the chunks the meter counted (stream_meter.c)
-                        "prompt_estimate": res.tokens - res.granted,
+                        "prompt_estimate": res.prompt_estimate,
                     },
                 )
                 # which settling log takes its record: at once, or batched (envoy_config)

@@ -157,9 +157,13 @@ end
 #       requested_max_tokens (0 = clamp to what the balance and the limits allow, up to cap;
 #       with cap 0 too, the request generates nothing: embeddings), cap,
 #       input_per_1m, output_per_1m, per_request, rpm, tpm, concurrency (0 = unlimited),
-#       now_ms, ttl_ms, minute, rate window prefix, unit
+#       now_ms, ttl_ms, minute, rate window prefix, unit, sequences
 #       unit: what prompt_tokens count ('tokens'; for media 'audio_seconds', 'characters' or
 #       'images', priced through input_per_1m and never counted in the tokens-per-minute window)
+#       sequences: how many sequences the backend generates, each up to max_tokens (n choices,
+#       per prompt of a batch): the worst case is sequences x max_tokens; a clamp grants each
+#       the same share of what the money and the window allow. The reply's granted is per
+#       sequence (the max_tokens to send); the reservation records the total.
 # Returns {status, granted, amount, rpm_limit, rpm_remaining, tpm_limit, tpm_remaining,
 #          reset_s, retry_after, balance, pending, available} for every status; status is one
 #          of ok, duplicate, rate_limit_requests, concurrency, rate_limit_tokens,
@@ -177,6 +181,7 @@ local pin, pout, preq = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12
 local rpm, tpm, conc = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 local now, ttl, minute = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
 local unit = ARGV[20] or 'tokens'
+local seqs = math.max(tonumber(ARGV[21]) or 1, 1)
 local windowed = unit == 'tokens'  -- media units are not tokens: the tpm window ignores them
 
 local reset_s = math.max(math.ceil(((minute + 1) * 60000 - now) / 1000), 1)
@@ -205,13 +210,14 @@ end
 local available = balance - pending
 local granted = requested  -- cap 0 and no max_tokens: nothing to generate (embeddings)
 if requested <= 0 and cap > 0 then
-  granted = affordable(pin, pout, preq, prompt, cap, available)
+  granted = math.floor(affordable(pin, pout, preq, prompt, cap * seqs, available) / seqs)
   if granted < 1 then return reply('insufficient_credits', 0, 0, 0) end
-  if tpm > 0 then granted = math.min(granted, tpm - tok - prompt) end
+  if tpm > 0 then granted = math.min(granted, math.floor((tpm - tok - prompt) / seqs)) end
   if granted < 1 then return reply('rate_limit_tokens', 0, 0, reset_s) end
 end
-local amount = cost(pin, pout, preq, prompt, granted)
-local counted = windowed and prompt + granted or 0
+local out = granted * seqs  -- every sequence may run to max_tokens
+local amount = cost(pin, pout, preq, prompt, out)
+local counted = windowed and prompt + out or 0
 if tpm > 0 and tok + counted > tpm then
   return reply('rate_limit_tokens', 0, amount, reset_s)
 end
@@ -225,7 +231,7 @@ if rpm > 0 or tpm > 0 then
 end
 if conc > 0 then redis.call('ZADD', cc_key, int(now + ttl), rid) else cc_key = '' end
 redis.call('SET', resv_key, enc({
-  ARGV[2], ARGV[4], ARGV[5], ARGV[6], int(amount), int(prompt), int(granted), int(counted), unit,
+  ARGV[2], ARGV[4], ARGV[5], ARGV[6], int(amount), int(prompt), int(out), int(counted), unit,
   int(minute), int(pin), int(pout), int(preq), int(rpm), int(tpm), int(now), int(now + ttl),
   acct_key, cc_key, ARGV[19], ledger_key, done_key}))
 redis.call('ZADD', due_key, int(now + ttl), rid)

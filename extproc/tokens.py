@@ -6,6 +6,12 @@ per chat message and 3 for the reply's priming. BPE tokenizers average about 4 b
 on English text, so this over-estimates (the reservation is a ceiling, released at settlement);
 non-Latin scripts run closer to 2-3 bytes per token. Token-id inputs count one per id. Image
 parts count a flat 85 tokens (OpenAI's low-detail figure). Cost: one pass over the strings.
+
+A generative request may make the backend generate several sequences, each up to ``max_tokens``
+(``sequences``): ``n`` choices, for every prompt of a completions batch, and ``best_of`` when it
+asks for more than ``n`` (the backend generates them all). The worst case reserved is that many
+times ``max_tokens``; the settlement is the backend's usage. The context check reads the
+longest prompt of a batch (``longest_prompt_tokens``), since each runs on its own.
 """
 
 from __future__ import annotations
@@ -56,6 +62,36 @@ def _input_tokens(value: Any) -> int:
                 total += len(item)
         return total
     return 0
+
+
+def _batch(prompt: Any) -> list[Any] | None:
+    """A completions batch's prompts (a list of strings, or of token-id lists), else None: one
+    prompt (a string, or one list of token ids)."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return prompt
+    return None
+
+
+def sequences(op: str, body: dict[str, Any]) -> int:
+    """How many sequences a chat or completions request generates, each up to ``max_tokens``
+    (validation has checked ``n`` and ``best_of``: positive integers or absent)."""
+    if op not in ("chat", "completions"):
+        return 1
+    n = body.get("n") or 1
+    if op == "chat":
+        return n
+    best_of = body.get("best_of") or 1
+    prompts = _batch(body.get("prompt"))
+    return max(n, best_of) * (len(prompts) if prompts is not None else 1)
+
+
+def longest_prompt_tokens(op: str, body: dict[str, Any], total: int) -> int:
+    """The estimate of the longest single prompt (``total``: the whole request's estimate):
+    what has to fit a model's context."""
+    prompts = _batch(body.get("prompt")) if op == "completions" else None
+    if prompts is None or len(prompts) == 1:
+        return total
+    return max(_input_tokens([p]) for p in prompts)
 
 
 def estimate_prompt_tokens(op: str, body: dict[str, Any]) -> int:

@@ -84,6 +84,19 @@ def _positive_int(body: dict[str, Any], name: str) -> None:
         raise invalid(f"'{name}' must be at least 1, got {value}.", name)
 
 
+# OpenAI's own bounds. Every choice (and every best_of candidate) may run to max_tokens, and
+# metering reserves them all (tokens.sequences).
+MAX_CHOICES = 128
+MAX_BEST_OF = 20
+
+
+def _at_most(body: dict[str, Any], name: str, limit: int) -> None:
+    _positive_int(body, name)
+    value = body.get(name)
+    if value is not None and value > limit:
+        raise invalid(f"'{name}' must be at most {limit}, got {value}.", name)
+
+
 def chat(body: dict[str, Any]) -> bool:
     """Chat completions; returns the stream flag."""
     messages = _items(body, "messages", "message")
@@ -105,7 +118,7 @@ def chat(body: dict[str, Any]) -> bool:
             )
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
-    _positive_int(body, "n")
+    _at_most(body, "n", MAX_CHOICES)
     return stream_flag(body)
 
 
@@ -116,7 +129,8 @@ def completions(body: dict[str, Any]) -> bool:
     if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
         raise invalid("'prompt' must be a string or a non-empty array.", "prompt")
     _positive_int(body, "max_tokens")
-    _positive_int(body, "n")
+    _at_most(body, "n", MAX_CHOICES)
+    _at_most(body, "best_of", MAX_BEST_OF)
     return stream_flag(body)
 
 

@@ -97,6 +97,14 @@ def base_config(
                 "backend_model": "sim-chat",
                 "pricing": PRICE,
             },
+            {
+                "id": "short-chat",  # a small context window (the same backend model)
+                "backend": "vllm-chat",
+                "backend_model": "sim-chat",
+                "context_length": 4096,
+                "max_tokens": 512,
+                "pricing": PRICE,
+            },
             {"id": "sim-embed", "backend": "vllm-embed", "kind": "embedding", "free": True},
             {"id": "slow-chat", "backend": "slow", "pricing": PRICE},
             {"id": "down-chat", "backend": "down", "pricing": PRICE},

@@ -92,6 +92,9 @@ def test_body_not_an_object_is_400(gateway: Gateway) -> None:
         ({"model": "sim-chat", "messages": HELLO, "stream": 1}, "stream"),
         ({"model": "sim-chat", "messages": HELLO, "max_tokens": "10"}, "max_tokens"),
         ({"model": "sim-chat", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"model": "sim-chat", "messages": HELLO, "n": 0}, "n"),
+        ({"model": "sim-chat", "messages": HELLO, "n": 129}, "n"),
+        ({"model": "sim-chat", "messages": HELLO, "n": 2.5}, "n"),
     ],
 )
 def test_missing_or_wrong_typed_fields_name_param(gateway: Gateway, body: dict, param: str) -> None:

@@ -58,11 +58,12 @@ def request(
     limits: Limits = Limits(),  # noqa: B008 (frozen)
     ttl_ms: int = 60_000,
     model: str = "m1",
+    sequences: int = 1,
 ) -> ReserveRequest:
     return ReserveRequest(
         request_id=rid, account=account, key_hash=key, key_prefix=f"tg_{key}", model=model,
         backend="b1", prompt_tokens=prompt, requested_max_tokens=max_tokens, cap=cap,
-        price=price, limits=limits, ttl_ms=ttl_ms,
+        price=price, limits=limits, ttl_ms=ttl_ms, sequences=sequences,
     )  # fmt: skip
 
 
@@ -185,6 +186,56 @@ async def test_clamp_to_what_the_balance_pays(ledger: Ledger) -> None:
     await ledger.grant("poor", 300)
     r = await ledger.reserve(request("e", account="poor", max_tokens=None), now_ms=T0)
     assert r.status == "insufficient_credits"
+
+
+async def test_several_sequences_reserve_each_one_s_worst_case(ledger: Ledger) -> None:
+    """n choices (or a batch of prompts): each may run to max_tokens, so the worst case is
+    sequences x max_tokens, in money and in the token window; a clamp shares what the money or
+    the window allows out evenly (the reply's granted is per sequence: the max_tokens sent)."""
+    limits = Limits(tpm=10_000)
+    await ledger.grant("acme", token_cost(PRICE, 100, 4 * 50))
+    r = await ledger.reserve(request("a", sequences=4, limits=limits), now_ms=T0)
+    assert r.ok and r.granted == 50 and r.sequences == 4
+    assert r.amount == token_cost(PRICE, 100, 200) and r.available == 0
+    assert r.tokens == 100 + 200 and r.tpm_remaining == 10_000 - 300
+    assert r.prompt_estimate == 100
+    # one token more per sequence than the balance pays for: refused, not served at a loss
+    r = await ledger.reserve(request("b", sequences=4, max_tokens=51), now_ms=T0)
+    assert r.status == "insufficient_credits" and r.amount == token_cost(PRICE, 100, 204)
+    # swept unsettled, it is charged the whole worst case (its entry names all 200 tokens)
+    assert await ledger.sweep(now_ms=T0 + 60_000) == 1
+    entry = (await ledger.transactions("acme", limit=1))[0]
+    assert entry["type"] == "expired" and entry["tokens_out"] == 200
+    assert entry["amount"] == -token_cost(PRICE, 100, 200)
+
+    # without max_tokens: what the balance pays for, shared by the 3 sequences (rounded down)
+    await ledger.grant("b", 10_000)
+    total = max_affordable_completion(PRICE, 100, 10_000)
+    r = await ledger.reserve(request("c", account="b", max_tokens=None, sequences=3), now_ms=T0)
+    assert r.ok and r.granted == total // 3 and r.amount == token_cost(PRICE, 100, 3 * r.granted)
+    assert r.amount <= 10_000
+    # a balance that pays for fewer tokens than there are sequences cannot give each one
+    await ledger.grant("c", token_cost(PRICE, 100, 2))
+    r = await ledger.reserve(request("d", account="c", max_tokens=None, sequences=3), now_ms=T0)
+    assert r.status == "insufficient_credits"
+    # the token window, shared too: 1,000 - 100 of prompt leaves 300 for each of 3
+    await ledger.grant("rich", 10**12)
+    small = Limits(tpm=1000)
+    r = await ledger.reserve(
+        request("e", account="rich", key="k9", max_tokens=None, sequences=3, limits=small),
+        now_ms=T0,
+    )
+    assert r.ok and r.granted == 300 and r.tpm_remaining == 0
+    s = await ledger.settle("e", 100, 3 * 280, 200, 5, now_ms=T0 + 10)
+    assert s.charged == token_cost(PRICE, 100, 840) and s.tpm_remaining == 1000 - 940
+    # and over the window with max_tokens: 100 + 4 x 250 > 1,000
+    r = await ledger.reserve(
+        request("f", account="rich", key="k8", max_tokens=250, sequences=4, limits=small),
+        now_ms=T0,
+    )
+    assert r.status == "rate_limit_tokens"
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
 
 
 async def test_no_completion_reserves_the_prompt(ledger: Ledger) -> None:

@@ -264,6 +264,135 @@ def test_max_tokens_clamped_to_what_the_balance_pays(gateway: Gateway) -> None:
     assert seen[0]["body"]["max_tokens"] == 7
 
 
+def _sent(gateway: Gateway, rid: str) -> dict:
+    """The body the simulator got for request ``rid``."""
+    return next(
+        x["body"] for x in gateway.sim_requests() if x["headers"].get("x-request-id") == rid
+    )
+
+
+def test_n_choices_share_what_the_balance_pays(gateway: Gateway) -> None:
+    """Every choice may run to max_tokens: a missing max_tokens is what the balance pays for
+    divided among the n choices, so the backend stops where the money stops for all of them."""
+    price = gateway.cfg.models_by_id["sim-chat"].price
+    body = {"model": "sim-chat", "messages": HELLO, "n": 3}
+    prompt = estimate_prompt_tokens("chat", body)
+    _, key = _account(gateway, format_credits(token_cost(price, prompt, 21)))
+    rid = uuid.uuid4().hex
+    r = httpx.post(
+        gateway.v1 + "/chat/completions",
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-Request-ID": rid,
+            "x-sim-output-tokens": "50",
+        },
+        json=body,
+    )
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2]
+    assert {c["finish_reason"] for c in data["choices"]} == {"length"}
+    assert data["usage"]["completion_tokens"] == 21
+    assert _sent(gateway, rid)["max_tokens"] == 7
+    entry = next(e for e in _ledger(gateway, key) if e.get("request_id") == rid)
+    assert entry["type"] == "debit" and entry["tokens_out"] == 21
+    assert parse_credits(entry["written_off"]) == 0  # all 21 were paid for, none written off
+    _reconciles(gateway, key)
+
+
+def test_n_choices_the_balance_cannot_pay_for_are_refused(gateway: Gateway) -> None:
+    price = gateway.cfg.models_by_id["sim-chat"].price
+    body = {"model": "sim-chat", "messages": HELLO, "n": 3, "max_tokens": 10}
+    prompt = estimate_prompt_tokens("chat", body)
+    # one choice of 10 tokens is paid for twice over, three are not
+    _, key = _account(gateway, format_credits(token_cost(price, prompt, 20)))
+    r = httpx.post(
+        gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body
+    )
+    assert r.status_code == 402, r.text
+    assert r.json()["error"]["code"] == "insufficient_credits"
+    body["n"] = 2
+    r = httpx.post(
+        gateway.v1 + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_a_stream_of_several_choices_is_charged_for_all_of_them(gateway: Gateway) -> None:
+    """vLLM's running usage counts the chunk's own choice only: with n > 1 the gateway does
+    not ask for it, and a cut stream is charged the chunks of every choice the meter counted;
+    one that ends, the backend's final usage (the sum)."""
+    _, key = _account(gateway, "5")
+    client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+    whole = client.chat.completions.create(
+        model="sim-chat",
+        messages=HELLO,
+        stream=True,
+        n=2,
+        extra_headers={"x-sim-output-tokens": "6"},
+    )
+    rid = whole.response.headers["x-request-id"]
+    texts = {0: 0, 1: 0}
+    for chunk in whole:
+        assert chunk.usage is None  # the client did not ask for it
+        for choice in chunk.choices:
+            if choice.delta.content:
+                texts[choice.index] += 1
+    assert texts == {0: 6, 1: 6}
+    sent = _sent(gateway, rid)
+    assert sent["n"] == 2 and sent["stream_options"] == {"include_usage": True}
+    _wait_settled(gateway, key)
+    entry = next(e for e in _ledger(gateway, key) if e.get("request_id") == rid)
+    assert entry["type"] == "debit" and entry["tokens_out"] == 12 and "counted" not in entry
+
+    cut = client.chat.completions.create(
+        model="sim-chat",
+        messages=HELLO,
+        stream=True,
+        n=2,
+        max_tokens=200,
+        extra_headers={"x-sim-itl-ms": "100", "x-sim-output-tokens": "200"},
+    )
+    rid = cut.response.headers["x-request-id"]
+    got = 0
+    for chunk in cut:
+        got += sum(1 for c in chunk.choices if c.delta.content)
+        if got == 6:  # 3 tokens of each choice
+            break
+    cut.close()
+    _wait_settled(gateway, key)
+    entry = next(e for e in _ledger(gateway, key) if e.get("request_id") == rid)
+    assert entry["type"] == "debit" and entry["reason"] == "client_disconnected"
+    # the chunks of both choices that passed Envoy (a loaded machine may pass a step more)
+    assert 6 <= entry["tokens_out"] <= 10 and entry["counted"] is True, entry
+    _reconciles(gateway, key)
+
+
+def test_a_batch_of_prompts_fits_the_context_by_its_longest(gateway: Gateway) -> None:
+    """Each prompt of a completions batch runs on its own: the context check reads the longest,
+    and the reservation covers all of them, a choice each."""
+    long = "toll " * 1_800  # 3,000 tokens as estimated: two of them overflow short-chat's 4,096
+    _, key = _account(gateway, "5")
+    rid = uuid.uuid4().hex
+    r = httpx.post(
+        gateway.v1 + "/completions",
+        headers={"Authorization": f"Bearer {key}", "X-Request-ID": rid},
+        json={"model": "short-chat", "prompt": [long, long], "max_tokens": 4},
+    )
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert r.json()["usage"]["completion_tokens"] == 8
+    entry = next(e for e in _ledger(gateway, key) if e.get("request_id") == rid)
+    assert entry["type"] == "debit" and entry["tokens_out"] == 8
+    r = httpx.post(
+        gateway.v1 + "/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "short-chat", "prompt": long + long, "max_tokens": 4},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    _reconciles(gateway, key)
+
+
 def test_stream_cut_by_client_is_charged_for_what_was_generated(gateway: Gateway) -> None:
     _, key = _account(gateway, "5")
     client = openai.OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
