@@ -129,6 +129,15 @@ def completions(body: dict[str, Any]) -> bool:
     if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
         raise invalid("'prompt' must be a string or a non-empty array.", "prompt")
     _positive_int(body, "max_tokens")
+    if body.get("max_completion_tokens") is not None:
+        # a chat parameter: a completions backend ignores it (vLLM then stops at its default
+        # of 16 tokens), so metering by it would reserve one limit while the backend obeys
+        # another
+        raise invalid(
+            "'max_completion_tokens' is a chat completions parameter; completions take "
+            "'max_tokens'.",
+            "max_completion_tokens",
+        )
     _at_most(body, "n", MAX_CHOICES)
     _at_most(body, "best_of", MAX_BEST_OF)
     return stream_flag(body)

@@ -220,3 +220,17 @@ def test_processor_unreachable_fails_closed(gateway_without_processor: Gateway) 
     _error(r, 503, "gateway_unavailable")
     assert not [x for x in gw.sim_requests() if x["headers"].get("x-request-id") == rid]
     assert isinstance(gw.stack, Stack)
+
+
+@pytest.mark.parametrize("value", [5, "x"])
+def test_completions_take_max_tokens_not_the_chat_field(gateway: Gateway, value: object) -> None:
+    """``max_completion_tokens`` is chat's: a completions backend ignores it (vLLM then stops at
+    its default, 16), so it cannot be the limit metering reserves for; unchecked, a string in it
+    reached metering and made a 500."""
+    r = httpx.post(
+        gateway.v1 + "/completions",
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        json={"model": "sim-chat", "prompt": "hello", "max_completion_tokens": value},
+        timeout=20,
+    )
+    _error(r, 400, "invalid_request_error", "max_completion_tokens")
