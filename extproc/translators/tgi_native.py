@@ -26,8 +26,9 @@ the ``x-prompt-tokens`` header and ``details.generated_tokens``; ids ``chatcmpl-
 Stream (§2.4, §6.2): TGI's SSE (``data:`` with or without a space, keep-alive comments, events cut
 anywhere, even inside a UTF-8 character; :class:`~extproc.sse.EventSplitter` holds at most one
 partial event) -> ``chat.completion.chunk`` / ``text_completion`` chunks: a role chunk first, one
-content chunk per non-special token (text that may be the start of a stop sequence is held back
-until it is known not to be), then a chunk with ``finish_reason``, then the usage chunk
+content chunk per token (empty for a special token, and for text that may be the start of a stop
+sequence, held back until it is known not to be; one chunk a token is what the stream meter
+counts when the client cuts the stream), then a chunk with ``finish_reason``, then the usage chunk
 (``choices: []``, prompt tokens from ``details.input_length``) if the request asked for
 ``stream_options.include_usage``, then ``data: [DONE]`` (TGI sends none; it is also added when the
 stream ends without its last event). An in-band error event (``{"error", "error_type"}``, sent
@@ -628,7 +629,9 @@ class TgiNative:
             out.append(
                 self._pre + orjson.dumps(text) + self._logprob_tail(token, ev.get("top_tokens"))
             )
-        elif text:
+        elif text or not final:
+            # one chunk per token, an empty one for a special token or text held back (it may
+            # start a stop sequence): the stream meter counts a cut stream's tokens by chunks
             out.append(self._pre + orjson.dumps(text) + self._tail)
         if final:
             self._end(details if isinstance(details, dict) else {}, out)

@@ -537,6 +537,32 @@ def test_stream_stop_sequence_held_back_and_cut() -> None:
         assert events(feed(stream_translator(include_usage=False, stop=["END"]), pieces)) == out
 
 
+def test_a_cut_stream_has_a_counted_chunk_per_token() -> None:
+    """The stream meter charges a cut stream one token per chunk with a choice (not the role
+    chunk): text held back for a possible stop sequence and a special token mid-stream get an
+    empty chunk each, so that count is TGI's (before, 3 chunks for these 5 tokens)."""
+    t = stream_translator(include_usage=False, stop=["END"])
+    cut = (
+        b"data:" + ev(1, "one E") + b"\n\n"  # "E" might start "END": held back
+        b"data:" + ev(2, "N") + b"\n\n"  # still might
+        b"data:" + ev(3, "<pad>", special=True) + b"\n\n"
+        b"data:" + ev(4, "o") + b"\n\n"  # "ENo": released
+        b"data:" + ev(5, " more") + b"\n\n"
+    )  # and the client leaves: no last event
+    out = events(t.response_body(cut, False))
+    role, tokens = out[0], out[1:]
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(tokens) == 5
+    assert "".join(e["choices"][0]["delta"]["content"] for e in tokens) == "one ENo more"
+    assert [e["choices"][0]["delta"]["content"] for e in tokens] == [
+        "one ",
+        "",
+        "",
+        "ENo",
+        " more",
+    ]
+
+
 def test_stream_logprobs() -> None:
     t = stream_translator(include_usage=False, logprobs=True, top_logprobs=1)
     token = {"id": 5, "text": "Hi", "logprob": -0.25, "special": False}
