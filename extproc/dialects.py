@@ -411,8 +411,9 @@ class ProxyTranslator:
         params = body.get("parameters")
         if not isinstance(params, dict):
             params = body["parameters"] = {}
-        if granted is not None:
-            params.setdefault("max_new_tokens", granted)
+        if granted is not None and params.get("max_new_tokens") is None:
+            # absent or null (TGI's "no limit": up to the context): the granted amount
+            params["max_new_tokens"] = granted
         if asked_usage:
             params["details"] = True
         return True

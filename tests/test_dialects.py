@@ -274,6 +274,14 @@ def test_proxy_tgi_native_generate_is_metered_from_tgi_headers(gw: Gateway) -> N
     assert r.status_code == 200, r.text
     sent = gw.sim_requests("tgi")[-1]
     assert sent["path"] == "/generate" and sent["body"]["parameters"]["max_new_tokens"] >= 1
+    # null is TGI's "no limit": the backend ran to its context (3,000 tokens here) on a
+    # reservation of the model's cap
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": None}}
+    r = _post(gw, "/models/tgi-model/proxy/v1/generate", body, x_sim_output_tokens="3000")
+    assert r.status_code == 200, r.text
+    granted = gw.sim_requests("tgi")[-1]["body"]["parameters"]["max_new_tokens"]
+    assert granted == 1024
+    assert _debit(gw, r.headers["x-request-id"])["tokens_out"] == granted
 
 
 @pytest.mark.parametrize("pace", [{}, {"x_sim_ttft_ms": "300", "x_sim_itl_ms": "40"}])

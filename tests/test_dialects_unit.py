@@ -198,6 +198,18 @@ def test_proxy_tgi_request_in_tgis_own_terms() -> None:
     with pytest.raises(GatewayError) as exc:
         t.prepare({"inputs": "Hi", "parameters": {"max_new_tokens": "9"}})
     assert exc.value.param == "parameters.max_new_tokens"
+    # null is TGI's "no limit" (up to the context): metered, it becomes the granted amount
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": None}}
+    assert t.prepare(body) == (True, {"prompt": "Hi"})
+    body.update(max_tokens=12, stream_options={"include_usage": True})
+    assert t.request("completions", body, True) is True
+    assert body["parameters"] == {"max_new_tokens": 12, "details": True}
+    # best_of: every candidate may run to max_new_tokens (metering reserves them all)
+    stream, view = t.prepare({"inputs": "Hi", "parameters": {"best_of": 3, "max_new_tokens": 4}})
+    assert view == {"prompt": "Hi", "max_tokens": 4, "best_of": 3}
+    with pytest.raises(GatewayError) as exc:
+        t.prepare({"inputs": "Hi", "parameters": {"best_of": 0}})
+    assert exc.value.param == "parameters.best_of"
 
 
 def test_proxy_rewrites_the_model_only() -> None:
