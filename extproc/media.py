@@ -89,6 +89,11 @@ def _param(header: Message, name: str, where: str = "content-type") -> str | Non
     return None if value is None else collapse_rfc2231_value(value)
 
 
+# The form fields the gateway reads (the model prices the upload and picks the backend; the
+# format decides how a transcript's duration is read): each may be given once.
+READ_FIELDS = frozenset({"model", "response_format"})
+
+
 class FormUpload:
     """One ``multipart/form-data`` request: checked on its headers, parsed from its head.
 
@@ -161,6 +166,10 @@ class FormUpload:
                 self.files.add(name)
             if end < 0:
                 break  # cut by the end of the head
+            if filename is None and name in fields and name in READ_FIELDS:
+                # the backend's form parser keeps the last value (Starlette's, vLLM's), the
+                # gateway priced and checked the first: refused rather than guessed
+                raise invalid(f"The form gives '{name}' more than once.", name)
             if filename is None and name not in fields:
                 value = raw[start:end].decode("utf-8", "replace")
                 fields[name] = value

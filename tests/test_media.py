@@ -87,6 +87,38 @@ def test_model_after_the_file_is_refused_only_when_the_head_is_partial() -> None
     assert upload().parse_head(body, complete=True) == {"model": "whisper-1"}
 
 
+def test_a_field_the_gateway_reads_may_be_given_once() -> None:
+    """A form parser keeps a repeated field's last value (Starlette's, so vLLM's), the gateway
+    its first: a cheap model's price for a dear one's work, and another model than the key's
+    pool allows. Repeated, such a field is refused; other fields may repeat (the OpenAI SDK
+    repeats ``timestamp_granularities[]``)."""
+    httpx_form = httpx.Request(
+        "POST",
+        "http://x",
+        data={
+            "model": ["cheap-stt", "gpt-4o-mini"],
+            "timestamp_granularities[]": ["word", "segment"],
+        },
+        files={"file": ("a.wav", b"RIFF....", "audio/wav")},
+    )
+    body, boundary = httpx_form.read(), httpx_form.headers["content-type"].split("boundary=")[1]
+    body = body.replace(boundary.encode(), BOUNDARY.encode())
+    with pytest.raises(GatewayError) as exc:
+        upload().parse_head(body, complete=True)
+    assert _param(exc) == (400, "model") and "more than once" in exc.value.message
+    body = body.replace(b"gpt-4o-mini", b"x", 1).replace(
+        b'name="model"\r\n\r\nx', b'name="m"\r\n\r\nx'
+    )
+    fields = upload().parse_head(body, complete=True)
+    assert fields["model"] == "cheap-stt" and fields["timestamp_granularities[]"] == "word"
+    twice = form({"model": "whisper-1", "response_format": "json"}).replace(
+        b'name="model"', b'name="response_format"'
+    )
+    with pytest.raises(GatewayError) as exc:
+        upload().parse_head(twice, complete=True)
+    assert _param(exc) == (400, "response_format")
+
+
 def test_missing_file_or_malformed() -> None:
     with pytest.raises(GatewayError) as exc:
         upload().parse_head(form({"model": "m"}, file=None), complete=True)
