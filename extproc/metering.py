@@ -273,7 +273,7 @@ class Meter:
             p, c = tokens
             due = 0 if status >= 400 and p + c == 0 else token_cost(self.prices[model_id], p, c)
             used = p + c if res.unit == "tokens" else 0
-        charged = min(due, max(before, 0))
+        charged = min(due, max(res.balance, 0))  # the script's cap: the balance
         self.metrics.credits.inc("settled", amount=charged)
         if tokens is not None and res.unit == "tokens":
             self.metrics.tokens.inc(model_id, "input", amount=tokens[0])
@@ -476,7 +476,8 @@ def settled_headers(res: Reservation, s: Settlement) -> list[tuple[str, str]]:
     """Credits, and rate headers whose token remaining reflects the real usage."""
     credits = [
         ("x-credits-used", format_credits(s.charged)),
-        ("x-credits-remaining", format_credits(s.available)),
+        # an overrun paid from credits other requests hold leaves them less than they hold
+        ("x-credits-remaining", format_credits(max(s.available, 0))),
     ]
     if s.status != "ok":
         return credits + rate_headers(res)

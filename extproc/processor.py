@@ -578,6 +578,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         "price_out": price.output_per_1m if price else 0,
                         "price_req": price.per_request if price else 0,
                         "available": res.available + res.amount,
+                        "balance": res.balance,  # what a charge is capped at
                         # a cut stream from a backend without running usage is charged this
                         # and the chunks the meter counted (stream_meter.c)
                         "prompt_estimate": res.prompt_estimate,

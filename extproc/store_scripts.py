@@ -104,8 +104,11 @@ local function reservation(key, raw)
     + r"""}
 end
 
--- Post a reservation: release it, charge `amount_due` capped at what is available (the rest is
--- written off, so available never goes negative), write the ledger entry (which is also the
+-- Post a reservation: release it, charge `amount_due` capped at the balance (the rest is
+-- written off, so the balance never goes negative; credits other reservations of the account
+-- hold are no cap: an overrun is paid while the balance can pay it, and a reservation whose
+-- credits it took is capped in turn, so the account pays all it can and the operator writes
+-- off the least), write the ledger entry (which is also the
 -- request's usage record), and replace the reservation with the settled figures, which mark
 -- the request id as used for DONE_TTL (one write; a separate done marker took two). `tok_used`
 -- (or nil: keep the reserved count) replaces the reserved tokens in the reservation's rate
@@ -116,7 +119,7 @@ local function post(rid, resv_key, r, due_key, amount_due, kind, reason, tin, to
   local reserved = tonumber(r.amount)
   local balance, pending = balances(r.k_acct)
   pending = pending - reserved
-  local charge = math.min(amount_due, math.max(balance - pending, 0))
+  local charge = math.min(amount_due, math.max(balance, 0))
   local written_off = amount_due - charge
   balance = balance - charge
   redis.call('HSET', r.k_acct, 'balance', int(balance), 'pending', int(pending))
@@ -250,7 +253,8 @@ return reply('ok', granted, amount, 0)
 # its estimate; the debit's ledger entry says "counted": true).
 # Void (charge 0) when the usage is unknown, or when the backend failed (status >= 400) and no
 # tokens were used. Otherwise charge the price on the real tokens: below the reserved amount
-# usually, above it only if the backend overran max_tokens (capped at what is available).
+# usually, above it if the backend overran max_tokens or the prompt its estimate (capped at the
+# balance).
 # Returns {status, charged, balance, pending, available, rpm_remaining, tpm_remaining,
 #          written_off, entry type}; status ok | duplicate (the first settlement's figures,
 #          nothing charged now) | unknown (no such reservation).
@@ -357,7 +361,7 @@ return out
 )
 
 # 3. sweep: resolve reservations whose timeout passed without a settlement, by charging the
-# reserved amount (capped at what is available, like settle). The reserved tokens stay counted.
+# reserved amount (capped at the balance, like settle). The reserved tokens stay counted.
 # KEYS: due zset.  ARGV: now_ms, limit, reservation key prefix.  Returns how many expired.
 SWEEP = (
     _POSTING

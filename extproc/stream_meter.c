@@ -103,7 +103,7 @@ typedef struct {
   bool active, seen_body, keep_usage, have_usage;
   bool failed; /* an error event before any token or usage: the stream is voided */
   bool estimated; /* the figures are the prompt estimate and the counted chunks, not usage */
-  long long price_in, price_out, price_req, available;
+  long long price_in, price_out, price_req, available, balance;
   long long prompt, completion;
   long long prompt_estimate, counted; /* for backends that report no running usage */
   char *request_id;
@@ -146,13 +146,14 @@ static void counted_usage(meter *m) {
   m->have_usage = true;
 }
 
-/* The stream's charge (as money.token_cost, capped at what was available). */
+/* The stream's charge (as money.token_cost, capped at the balance, as the settle script caps
+ * it), and what is left available (not below 0: an overrun may take credits others hold). */
 static void charge(const meter *m, char *used, char *remaining, size_t cap) {
   long long cost = (m->prompt * m->price_in + m->completion * m->price_out + 999999) / 1000000 +
                    m->price_req;
-  long long u = m->failed ? 0 : cost < m->available ? cost : m->available;
+  long long u = m->failed ? 0 : cost < m->balance ? cost : m->balance;
   credits(used, cap, u);
-  credits(remaining, cap, m->available - u);
+  credits(remaining, cap, m->available > u ? m->available - u : 0);
 }
 
 static void figures(meter *m, bytes *out) {
@@ -391,6 +392,7 @@ int envoy_dynamic_module_on_http_filter_response_headers(void *f, const void *mo
   md_number(f, LIT("price_out"), &m->price_out);
   md_number(f, LIT("price_req"), &m->price_req);
   md_number(f, LIT("available"), &m->available);
+  if (!md_number(f, LIT("balance"), &m->balance)) m->balance = m->available;
   md_number(f, LIT("prompt_estimate"), &m->prompt_estimate);
   m->active = true;
   return 0;

@@ -19,13 +19,14 @@
 --     (the OpenAI SDK too) ignore:
 --       : tollgate {"object":"tollgate.credits","credits_used":"0.000111",...}
 --     credits_used is the charge the ledger posts for this usage (the same integer formula as
---     money.token_cost, capped at what was available); credits_remaining is the available
+--     money.token_cost, capped at the balance); credits_remaining is the available
 --     balance at reservation time minus that charge (other requests of the account running at
 --     the same moment are not reflected; GET /v1/credits is exact);
 --   * at the end, the same two figures as trailers X-Credits-Used / X-Credits-Remaining, into
 --     the empty trailer map the stream_trailers filter (stream_trailers.wat) made.
 -- Metadata the processor sets at request time (namespace "tollgate"): stream, request_id,
 -- keep_usage, price_in / price_out / price_req (micro-credits), available (before this request),
+-- balance (what a charge is capped at),
 -- prompt_estimate (the reservation's prompt tokens).
 -- It also notes when the first chunk arrived ("tollgate.timing" first_chunk_us).
 -- No httpCall here: a call yields, and a chunk cannot be held across a yield.
@@ -73,8 +74,9 @@ local function charge(usage, md)
     return nil
   end
   local cost = math.ceil((p * md["price_in"] + c * md["price_out"]) / 1000000) + md["price_req"]
-  local used = usage.failed and 0 or math.min(cost, md["available"])
-  return { p = p, c = c, used = credits(used), remaining = credits(md["available"] - used) }
+  local used = usage.failed and 0 or math.min(cost, md["balance"] or md["available"])
+  local left = math.max(md["available"] - used, 0)
+  return { p = p, c = c, used = credits(used), remaining = credits(left) }
 end
 
 local function figures(usage, md)

@@ -1,11 +1,14 @@
 """A cheap, deterministic estimate of a request's prompt tokens, used only to reserve credits
 and tokens-per-minute before the request runs; settlement uses the backend's real counts.
 
-Method: UTF-8 bytes of every text the model reads, divided by 3 and rounded up, plus 4 tokens
-per chat message and 3 for the reply's priming. BPE tokenizers average about 4 bytes per token
-on English text, so this over-estimates (the reservation is a ceiling, released at settlement);
-non-Latin scripts run closer to 2-3 bytes per token. Token-id inputs count one per id. Image
-parts count a flat 85 tokens (OpenAI's low-detail figure). Cost: one pass over the strings.
+Method: UTF-8 bytes of every text the model reads, divided by 3 and rounded up, but at least one
+token per space-separated word; plus 4 tokens per chat message and 3 for the reply's priming.
+BPE tokenizers average about 4 bytes per token on English text, so this over-estimates (the
+reservation is a ceiling, released at settlement); non-Latin scripts run closer to 2-3 bytes per
+token, and text of one- and two-letter words ("a a a", "1 2 3") to 2, which the word count
+covers. It is not a strict bound: a prompt that costs more than its estimate is charged in full
+while the balance can pay. Token-id inputs count one per id. Image parts count a flat 85 tokens
+(OpenAI's low-detail figure). Cost: two passes over the strings (the length, the spaces).
 
 A generative request may make the backend generate several sequences, each up to ``max_tokens``
 (``sequences``): ``n`` choices, for every prompt of a completions batch, and ``best_of`` when it
@@ -30,7 +33,9 @@ def _text_tokens(text: str) -> int:
     n = len(text)
     if not text.isascii():
         n = len(text.encode("utf-8"))
-    return -(-n // BYTES_PER_TOKEN)
+    # and at least a token a word: text of one- and two-letter words ("a a a", "1 2 3") runs
+    # at 2 bytes a token, which bytes / 3 under-counts
+    return max(-(-n // BYTES_PER_TOKEN), text.count(" ") + 1 if n else 0)
 
 
 def _content_tokens(content: Any) -> int:

@@ -335,15 +335,35 @@ async def test_overrun_beyond_the_balance_is_written_off(ledger: Ledger) -> None
     assert (await ledger.reserve(request("b", max_tokens=10), now_ms=T0)).ok
     s = await ledger.settle("a", 100, 10_000, 200, 5, now_ms=T0 + 1)
     cost = token_cost(PRICE, 100, 10_000)
-    # "b" is still pending: "a" may take its own reservation's worth and no more
-    assert s.charged == reserved and s.written_off == cost - reserved
-    assert (s.balance, s.pending, s.available) == (reserved, reserved, 0)
-    s = await ledger.settle("b", 100, 10_000, 200, 5, now_ms=T0 + 2)
-    assert s.charged == reserved and (s.balance, s.available) == (0, 0)
+    # "b" is still pending, but its reservation is no claim: "a" pays from the whole balance
+    assert s.charged == 2 * reserved and s.written_off == cost - 2 * reserved
+    assert (s.balance, s.pending, s.available) == (0, reserved, -reserved)
+    # "b" then finds nothing to pay with: the balance never goes below zero
+    s = await ledger.settle("b", 100, 10, 200, 5, now_ms=T0 + 2)
+    assert s.charged == 0 and s.written_off == reserved and (s.balance, s.available) == (0, 0)
     entries = await ledger.transactions("acme")
-    assert entries[0]["written_off"] == cost - reserved and entries[0]["balance"] == 0
+    assert entries[0]["written_off"] == reserved and entries[0]["balance"] == 0
+    assert entries[1]["written_off"] == cost - 2 * reserved
     total, balance = await ledger.reconcile("acme")
     assert total == balance == 0
+
+
+async def test_an_overrun_is_paid_from_credits_a_reservation_did_not_need(ledger: Ledger) -> None:
+    """A prompt over its estimate while the account has a large reservation open: the overrun
+    is charged in full from the balance, not written off because the other reservation held
+    the credits; that reservation, settled below what it held, is paid in full too."""
+    big, small = token_cost(PRICE, 100, 1000), token_cost(PRICE, 100, 1)
+    await ledger.grant("acme", big + small)
+    assert (await ledger.reserve(request("big", max_tokens=1000), now_ms=T0)).ok
+    assert (await ledger.reserve(request("small", max_tokens=1), now_ms=T0)).ok
+    over = token_cost(PRICE, 400, 1)  # the prompt was 400 tokens, not the 100 estimated
+    s = await ledger.settle("small", 400, 1, 200, 5, now_ms=T0 + 1)
+    assert s.charged == over and s.written_off == 0  # before: capped at `small`, written off
+    s = await ledger.settle("big", 100, 20, 200, 5, now_ms=T0 + 2)
+    assert s.charged == token_cost(PRICE, 100, 20) and s.written_off == 0
+    assert s.balance == big + small - over - s.charged >= 0
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance
 
 
 async def test_void_settlements(ledger: Ledger) -> None:

@@ -238,6 +238,41 @@ def test_a_stream_without_usage_is_charged_its_chunks_by_both_meters(
         assert ledger["amount"] == "-" + figures["credits_used"]
 
 
+def test_an_overrun_paid_from_credits_others_hold_shows_in_both_meters_figures(
+    gateways: dict[str, Gateway],
+) -> None:
+    """A stream whose usage costs more than it reserved while another stream of the account
+    holds the rest of the balance: the settlement charges it all from the balance (not capped
+    at what the other reservation left), and both meters' figures say the same as the ledger."""
+    price = gateways["native"].cfg.models_by_id["scripted"].price
+    body: dict = dict(_HI) | {"stream": True, "max_tokens": 1}  # the script generates 2
+    own = token_cost(price, estimate_prompt_tokens("chat", body), 1)
+    slow = {"model": "sim-chat", "messages": _HI["messages"], "max_tokens": 10, "stream": True}
+    hold = token_cost(price, estimate_prompt_tokens("chat", slow), 10)
+    cost = token_cost(price, 9, 2)  # the script's usage
+    assert own < cost <= own + hold
+    for gw in gateways.values():
+        account, rid = "acct-" + uuid.uuid4().hex[:8], "meters-" + uuid.uuid4().hex
+        key = gw.new_key("meters", account)
+        grant(str(gw.stack.config_path), account, format_credits(own + hold))
+        auth = {"Authorization": f"Bearer {key}"}
+        pace = {"x-sim-itl-ms": "200", "x-sim-output-tokens": "10"}
+        with httpx.stream(
+            "POST", gw.v1 + "/chat/completions", json=slow, headers=auth | pace, timeout=20
+        ) as held:
+            assert held.status_code == 200
+            chunks = held.iter_raw()  # kept: a dropped iterator closes the stream
+            next(chunks)  # reserved, and running
+            r = httpx.post(
+                gw.v1 + "/chat/completions", json=body, headers=auth | {"X-Request-ID": rid}
+            )
+            assert r.status_code == 200, r.text
+        figures = json.loads(r.text.split("\n\n")[-3][11:])
+        assert figures["credits_used"] == format_credits(cost), figures  # was `own`'s worth
+        debit = _debit(gw, key, rid)
+        assert debit["amount"] == "-" + format_credits(cost)  # all of it: nothing written off
+
+
 def test_both_meters_give_the_same_trailers(gateways: dict[str, Gateway]) -> None:
     account = "acct-" + uuid.uuid4().hex[:8]
     body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "stream": True}

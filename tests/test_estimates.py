@@ -1,5 +1,6 @@
-"""How many sequences a request makes the backend generate (each up to max_tokens), the prompt
-that has to fit the context, and the bounds on ``n`` and ``best_of``."""
+"""What a request is estimated to need before it runs: its prompt's tokens, how many sequences
+it makes the backend generate (each up to max_tokens), the prompt that has to fit the context,
+and the bounds on ``n`` and ``best_of``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ from extproc.errors import GatewayError
 from extproc.tokens import estimate_prompt_tokens, longest_prompt_tokens, sequences
 
 HELLO = [{"role": "user", "content": "hi"}]
+
+
+def test_the_prompt_estimate_counts_at_least_a_token_a_word() -> None:
+    """Bytes / 3 over-counts English (~4 bytes a token) but not text of short words, which a
+    BPE tokenizer reads at one token a word (" a", " 1"): the estimate is a ceiling for both."""
+    english = "The toll booth counts every car that passes through the gate."
+    assert estimate_prompt_tokens("completions", {"prompt": english}) == -(-len(english) // 3)
+    assert estimate_prompt_tokens("completions", {"prompt": "a " * 2000}) == 2001
+    assert estimate_prompt_tokens("completions", {"prompt": "1 2 3"}) == 3
+    assert estimate_prompt_tokens("completions", {"prompt": ""}) == 0
+    chat = {"messages": [{"role": "user", "content": "a " * 300}]}
+    assert estimate_prompt_tokens("chat", chat) == 3 + 4 + 301
 
 
 @pytest.mark.parametrize(
