@@ -143,6 +143,37 @@ def completions(body: dict[str, Any]) -> bool:
     return stream_flag(body)
 
 
+def _is_id(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def _is_ids(item: Any) -> bool:
+    return isinstance(item, list) and bool(item) and all(_is_id(t) for t in item)
+
+
+def _is_text(item: Any) -> bool:
+    return isinstance(item, str)
+
+
+def _input_items(value: list[Any]) -> None:
+    """An embeddings ``input`` array, in OpenAI's forms: strings, token ids, or lists of ids
+    (the estimate reads these; anything else the backend would refuse without a ``param``)."""
+    first = value[0]
+    if isinstance(first, str):
+        kind, ok = "a string", _is_text
+    elif _is_id(first):
+        kind, ok = "a token id (integer)", _is_id
+    else:
+        kind, ok = "a list of token ids", _is_ids
+    for i, item in enumerate(value):
+        if not ok(item):
+            raise invalid(
+                f"'input[{i}]' must be {kind}, like the array's first item, got "
+                f"{_type_name(item)}.",
+                f"input[{i}]",
+            )
+
+
 def embeddings(body: dict[str, Any]) -> bool:
     value = body.get("input")
     if value is None:
@@ -153,6 +184,7 @@ def embeddings(body: dict[str, Any]) -> bool:
     elif isinstance(value, list):
         if not value:
             raise invalid("'input' must not be an empty array.", "input")
+        _input_items(value)
     else:
         raise invalid(f"'input' must be a string or an array, got {_type_name(value)}.", "input")
     fmt = body.get("encoding_format")

@@ -105,3 +105,30 @@ def test_a_worst_case_beyond_exact_pricing_is_a_400_before_the_store() -> None:
     with pytest.raises(GatewayError) as err:
         asyncio.run(meter.reserve("r1", principal, model, "completions", body, "vllm-chat"))
     assert err.value.code == "invalid_request_error" and err.value.param == "n"
+
+
+@pytest.mark.parametrize(
+    ("value", "param"),
+    [
+        ([None], "input[0]"),
+        (["a", None], "input[1]"),
+        (["a", 3], "input[1]"),
+        ([1, 2, "3"], "input[2]"),
+        ([1, True], "input[1]"),
+        ([[1, 2], [3, "x"]], "input[1]"),
+        ([[1], []], "input[1]"),
+        ([{"text": "a"}], "input[0]"),
+    ],
+)
+def test_embeddings_input_items_are_checked(value: list[Any], param: str) -> None:
+    """Each item of an embeddings array is what OpenAI takes (strings, token ids, or lists of
+    ids, one kind per array): before, any other item reached the backend, whose 400 had no
+    ``param``."""
+    with pytest.raises(GatewayError) as err:
+        validation.embeddings({"input": value})
+    assert err.value.param == param
+
+
+def test_embeddings_input_forms_accepted() -> None:
+    for value in (["a", "b"], [1, 2, 3], [[1, 2], [3]], "text"):
+        validation.embeddings({"input": value})
