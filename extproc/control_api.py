@@ -100,6 +100,11 @@ def _denied(message: str) -> GatewayError:
     return GatewayError("permission_denied", message)
 
 
+def _field_error(exc: ValueError) -> GatewayError:
+    """keys.py's validation error as a 400 naming the field (keys.FieldError knows which)."""
+    return invalid(str(exc), exc.param if isinstance(exc, keys.FieldError) else None)
+
+
 def _time(seconds: str | None) -> str:
     return iso(int(float(seconds) * 1000)) if seconds else ""
 
@@ -235,7 +240,7 @@ class ControlApi(admin_pb2_grpc.AdminServicer):
                 _expiry(request.expires_at),
             )
         except ValueError as exc:
-            raise invalid(str(exc)) from None
+            raise _field_error(exc) from None
         pipe = self.client.pipeline(transaction=True)
         keys.stage_new_key(pipe, keys.hash_key(raw), record)
         await pipe.execute()
@@ -266,7 +271,7 @@ class ControlApi(admin_pb2_grpc.AdminServicer):
                 wanted = [v.string_value for v in request.models.values]
                 fields["models"] = keys.encode_models(self._pool(p, wanted))
         except ValueError as exc:
-            raise invalid(str(exc), "models" if "model" in str(exc) else "name") from None
+            raise _field_error(exc) from None
         if request.HasField("expires_at"):
             expiry = _expiry(request.expires_at)
             fields["expires_at"] = "" if expiry is None else f"{expiry:.3f}"

@@ -45,6 +45,15 @@ ALL_MODELS = "*"
 LAST_USED_EVERY_S = 10.0
 
 
+class FieldError(ValueError):
+    """A key field that fails validation; ``param`` names it as the control API's clients
+    write it (``name``, ``scopes``, ``limits.rpm``...), for the error's ``param``."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -59,14 +68,15 @@ def key_id(key_hash: str) -> str:
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not 1 <= len(name) <= 100 or not name.isprintable():
-        raise ValueError("key name must be 1-100 printable characters")
+        raise FieldError("key name must be 1-100 printable characters", "name")
     return name
 
 
 def check_account(account: str) -> str:
     if not isinstance(account, str) or not ACCOUNT_RE.match(account):
-        raise ValueError(
-            f"account {account!r} must be 1-63 letters, digits, '.', '_' or '-' (not first)"
+        raise FieldError(
+            f"account {account!r} must be 1-63 letters, digits, '.', '_' or '-' (not first)",
+            "account",
         )
     return account
 
@@ -75,14 +85,16 @@ def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(scopes))
     for s in out:
         if s not in SCOPES:
-            raise ValueError(f"unknown scope {s!r} (scopes: {', '.join(SCOPES)})")
+            raise FieldError(f"unknown scope {s!r} (scopes: {', '.join(SCOPES)})", "scopes")
     return out
 
 
 def check_limits(limits: dict[str, int] | None) -> dict[str, int]:
     for name, value in (limits or {}).items():
         if name not in LIMIT_FIELDS or not isinstance(value, int) or value < 0:
-            raise ValueError(f"invalid limit {name}={value} (rpm, tpm, concurrency; >= 0)")
+            raise FieldError(
+                f"invalid limit {name}={value} (rpm, tpm, concurrency; >= 0)", f"limits.{name}"
+            )
     return dict(limits or {})
 
 
@@ -91,7 +103,9 @@ def encode_models(models: Iterable[str] | None) -> str:
         return ALL_MODELS
     out = list(dict.fromkeys(models))
     if not out or any(not m or " " in m or m == ALL_MODELS for m in out):
-        raise ValueError("a model pool lists one or more model ids (or is omitted for all)")
+        raise FieldError(
+            "a model pool lists one or more model ids (or is omitted for all)", "models"
+        )
     return " ".join(out)
 
 

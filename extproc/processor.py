@@ -339,8 +339,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         st.dialect = dialect_of(path)  # first: every refusal below comes in its shape
         if self.inflight > self.max_inflight:
             raise _OVERLOADED
-        if headers.get(":path") == openapi.OPENAPI_PATH:  # public: no credential needed
-            if headers.get(":method") != "GET":
+        if path == openapi.OPENAPI_PATH:  # public: no credential needed (any query)
+            if method != "GET":
                 raise GatewayError("method_not_allowed", f"Use GET for {openapi.OPENAPI_PATH}.")
             st.status = 200
             return m.immediate(200, self.openapi_body, "tollgate_openapi", st.id_headers())
@@ -396,6 +396,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             return m.CONTINUE_REQUEST_HEADERS
         if control_routes.is_control_path(path):
             control_routes.match(method, path)  # 404/405 here, in the gateway's shape
+            if (bad := control_routes.check_utf8(headers.get(":path", ""))) is not None:
+                raise bad  # else the worker's grpc refuses the message naming no field
             st.control = True  # Envoy's transcoder calls the control API (control_api.py)
             return m.request_headers_response(
                 m.set_headers(st.id_headers()[:1] if st.id_note else ()), [ROUTE_HEADER]
@@ -648,6 +650,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             st.status = int(headers.get(":status", "0") or 0)
             mutation = m.set_headers(st.id_headers())
             mutation.remove_headers.extend(_GRPC_HEADERS)
+            if control_routes.is_transcoder_reply(headers):  # its body names the field
+                return m.response_headers_response(mutation, m.BUFFER_RESPONSE)
             return m.response_headers_response(mutation)
         model, translator, res = st.model, st.translator, st.reservation
         if model is None or translator is None:
@@ -722,6 +726,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 *st.id_headers(),
             ]
             return m.response_body_response(body, m.set_headers(pairs))
+        if st.control:  # the transcoder's 400 (buffered in _response_headers): name the field
+            err = control_routes.transcoder_error(req.response_body.body)
+            body = error_body(st.dialect, err, st.request_id)
+            return m.response_body_response(
+                body, m.set_headers([("content-length", str(len(body)))])
+            )
         translator = st.translator
         if translator is None:
             return m.CONTINUE_RESPONSE_BODY

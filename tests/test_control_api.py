@@ -3,6 +3,7 @@ transcoder; the admin key and scoped keys; tenant isolation."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -296,3 +297,161 @@ def test_keys_made_before_key_ids_get_one_when_listed(gateway: Gateway, admin: A
     [listed] = admin.ok("GET", "/v1/keys", account=account)["data"]
     assert listed["id"] == "key_" + hash_key(raw)[:16]
     assert admin.ok("GET", f"/v1/keys/{listed['id']}")["prefix"] == raw[:11]
+
+
+# --------------------------------------------------------------------------- error shape
+# Values that are not UTF-8 once percent-decoded: Envoy's transcoder copies the bytes into a
+# proto string field and the worker's grpc refuses the whole message (a 500 that named a Python
+# exception). The request line still tells which value it was.
+NOT_UTF8 = [
+    ("/v1/credits/transactions?before=%ff", "before"),
+    ("/v1/usage?model=%ff", "model"),
+    ("/v1/usage?since=%c3%28", "since"),
+    ("/v1/usage?model=caf%c3%a9&until=%e2%82", "until"),
+    ("/v1/credits?account=%ff", "account"),
+    ("/v1/keys/%ff", "id"),
+    ("/v1/accounts/%ff", "id"),
+]
+
+
+@pytest.mark.parametrize(("path", "param"), NOT_UTF8)
+def test_check_utf8_names_the_value(path: str, param: str) -> None:
+    err = control_routes.check_utf8(path)
+    assert err is not None and (err.status, err.code, err.param) == (
+        400,
+        "invalid_request_error",
+        param,
+    )
+    assert "UTF-8" in err.message
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/usage?model=caf%c3%a9&limit=5", "/v1/keys/key_0123", "/v1/usage?x", "/v1/keys"]
+)
+def test_check_utf8_passes_utf8(path: str) -> None:
+    assert control_routes.check_utf8(path) is None
+
+
+def test_a_request_grpc_cannot_decode_is_a_400_without_python_internals() -> None:
+    decode = (
+        "Unexpected <class 'google.protobuf.message.DecodeError'>: Error parsing message with"
+        " type 'tollgate.admin.v1.GetKeyRequest': String field had bad UTF-8"
+    )
+    for status in ("2", "13"):  # grpc's UNKNOWN (what the workers send), INTERNAL
+        err = control_routes.error_from_headers(
+            {"grpc-status": status, "grpc-message": decode.replace(" ", "%20")}
+        )
+        assert err is not None and (err.status, err.code) == (400, "invalid_request_error")
+        assert "UTF-8" in err.message and "<class" not in err.message
+    other = "Unexpected <class 'TypeError'>: bad argument"
+    err = control_routes.error_from_headers({"grpc-status": "2", "grpc-message": other})
+    assert err is not None and (err.status, err.code) == (500, "internal_error")
+    assert err.message == "The control API failed."
+    # the control API's own errors keep their message, code and param
+    own = {"grpc-status": "3", "grpc-message": "'limit'%20must%20be%20...", "tollgate-error-code":
+           "invalid_request_error", "tollgate-error-param": "limit"}  # fmt: skip
+    err = control_routes.error_from_headers(own)
+    assert err is not None and (err.message, err.param) == ("'limit' must be ...", "limit")
+
+
+def test_values_not_utf8_are_a_400_without_python_internals(admin: Api) -> None:
+    for path, _ in NOT_UTF8:
+        r = admin("GET", path)
+        assert _code(r) == (400, "invalid_request_error"), (path, r.text)
+        assert "UTF-8" in r.json()["error"]["message"] and "<class" not in r.text
+
+
+def test_values_not_utf8_name_the_param(admin: Api) -> None:
+    """Refused before the transcoder (processor.py calls control_routes.check_utf8)."""
+    for path, param in NOT_UTF8:
+        r = admin("GET", path)
+        assert (*_code(r), r.json()["error"]["param"]) == (400, "invalid_request_error", param)
+
+
+# The transcoder's own 400s: its message names the field (errors.py renders it after
+# "The request does not match the control API (see /openapi.json): ").
+TRANSCODER = [
+    ('limit: invalid value "abc" for type TYPE_INT32', "limit"),
+    ('limit: invalid value "1.5" for type TYPE_INT32', "limit"),
+    ("amount: invalid value 5 for type TYPE_STRING", "amount"),
+    ('limits.rpm: invalid value "x" for type TYPE_INT32', "limits.rpm"),
+    ("models[0]: invalid value 1 for type TYPE_STRING", "models[0]"),
+    ("limits: invalid value 5 for type type.googleapis.com/tollgate.admin.v1.Limits", "limits"),
+    ("limits: Proto field is not repeating, cannot start list.", "limits"),
+    (": invalid value Starting an object on a scalar field for type name", "name"),
+    ("limits: invalid value Starting an object on a scalar field for type rpm", "limits.rpm"),
+    ('Could not find field "colour" in the type "tollgate.admin.v1.QueryUsageRequest".', "colour"),
+    (": Proto field is not repeating, cannot start list.", None),
+    (": Root element must be a message.", None),
+    ("Unexpected end of string. Expected an object key or }.\n\n^", None),
+    ("Expected : between key:value pair.\n{x}\n^", None),
+    ("bogus: not a field of the control API", None),
+]
+
+
+@pytest.mark.parametrize(("detail", "param"), TRANSCODER)
+def test_transcoder_messages_name_the_field(detail: str, param: str | None) -> None:
+    assert control_routes.transcoder_param(detail) == param
+    message = "The request does not match the control API (see /openapi.json): " + detail
+    body = {"error": {"code": "invalid_request_error", "message": message, "param": None,
+                      "request_id": "r1", "type": "invalid_request_error"}}  # fmt: skip
+    err = control_routes.transcoder_error(json.dumps(body).encode())
+    assert (err.status, err.code, err.message, err.param) == (
+        400,
+        "invalid_request_error",
+        message,
+        param,
+    )
+
+
+def test_transcoder_error_survives_an_unexpected_body() -> None:
+    for body in (b"", b"not json", b'{"error": "x"}', b"[1]", b'{"error": {"message": 5}}'):
+        err = control_routes.transcoder_error(body)
+        assert (err.status, err.code, err.param) == (400, "invalid_request_error", None)
+    assert control_routes.is_transcoder_reply({":status": "400"})
+    assert not control_routes.is_transcoder_reply({":status": "400", "grpc-status": "3"})
+    assert not control_routes.is_transcoder_reply({":status": "200"})
+
+
+def test_transcoder_errors_name_the_field(admin: Api) -> None:
+    """The transcoder's 400s (Envoy's local replies) are buffered by the processor, which
+    fills in ``param`` (control_routes.transcoder_error)."""
+    cases: list[tuple[str, str, Any, str]] = [
+        ("GET", "/v1/credits/transactions?limit=abc", None, "limit"),
+        ("GET", "/v1/usage?limit=1.5", None, "limit"),
+        ("GET", "/v1/usage?colour=red", None, "colour"),
+        ("POST", "/v1/credits/grants", {"account": "default", "amount": 5}, "amount"),
+        ("PATCH", "/v1/accounts/default", {"limits": {"rpm": "x"}}, "limits.rpm"),
+        ("POST", "/v1/keys", {"name": "x", "models": [1]}, "models[0]"),
+        ("POST", "/v1/keys", {"name": {"a": 1}}, "name"),
+    ]
+    for method, path, body, param in cases:
+        r = admin(method, path, body)
+        assert _code(r) == (400, "invalid_request_error"), r.text
+        error = r.json()["error"]
+        assert error["param"] == param, (path, body, error)
+        assert error["request_id"] == r.headers["x-request-id"]
+        assert error["message"].startswith("The request does not match the control API")
+
+
+def test_key_field_errors_name_the_field(admin: Api) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"name": "x", "limits": {"rpm": -1}}, "limits.rpm"),
+        ({"name": "x", "limits": {"concurrency": -3}}, "limits.concurrency"),
+        ({"name": "x", "scopes": ["root"]}, "scopes"),
+        ({"name": ""}, "name"),
+        ({"name": "a\nb"}, "name"),
+        ({"name": "x" * 101}, "name"),
+    ]
+    for body, param in cases:
+        r = admin("POST", "/v1/keys", body)
+        assert (*_code(r), r.json()["error"]["param"]) == (400, "invalid_request_error", param)
+    key = admin.ok("POST", "/v1/keys", {"name": "to-rename"})
+    SECRETS.append(key["key"])
+    r = admin("PATCH", f"/v1/keys/{key['id']}", {"name": ""})
+    assert (*_code(r), r.json()["error"]["param"]) == (400, "invalid_request_error", "name")
+
+
+def test_openapi_document_ignores_a_query(gateway: Gateway) -> None:
+    r = httpx.get(gateway.base_url + "/openapi.json?x=1", timeout=10)
+    assert r.status_code == 200 and r.json()["openapi"].startswith("3.")

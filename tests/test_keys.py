@@ -189,3 +189,37 @@ def test_failed_lookups_are_limited_per_client_address(gw: Gateway) -> None:
             json=CHAT,
         )
         assert r.status_code == 200
+
+
+# --------------------------------------------------------------------------- validation
+# Each check names its field the way the control API's clients write it: the error's param.
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "a\nb"}, "name"),
+        ({"name": "x" * 101}, "name"),
+        ({"account": "bad:name"}, "account"),
+        ({"limits": {"rpm": -1}}, "limits.rpm"),
+        ({"limits": {"tpm": 1.5}}, "limits.tpm"),
+        ({"limits": {"burst": 1}}, "limits.burst"),
+        ({"scopes": ["models:use", "root"]}, "scopes"),
+        ({"models": []}, "models"),
+        ({"models": ["a b"]}, "models"),
+    ],
+)
+def test_invalid_key_fields_name_the_field(kwargs: dict, param: str) -> None:
+    args = {"name": "ok", "account": "default", **kwargs}
+    with pytest.raises(keys.FieldError) as exc:
+        keys.new_key_record(**args)
+    assert exc.value.param == param
+    assert isinstance(exc.value, ValueError)  # callers catching ValueError still do
+
+
+def test_valid_key_fields_pass() -> None:
+    raw, record = keys.new_key_record(
+        "ok", "default", {"rpm": 5}, ["models:use"], ["sim-chat"], None
+    )
+    assert keys.KEY_RE.match(raw) and record["rpm"] == "5" and record["models"] == "sim-chat"

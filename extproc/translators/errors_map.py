@@ -60,6 +60,13 @@ _PARAM_NAMES: dict[str, str] = {
     "adapter_id": "model",
 }
 _BACKTICKED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+# axum's 422 names the field by serde's path (``temperature``, ``messages[0].content``,
+# ``parameters.max_new_tokens``), the gateway's own param form: "...target type: <path>: why"
+_SERDE_PATH = re.compile(
+    r"target type: ([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*): (.*)", re.S
+)
+_MISSING_FIELD = re.compile(r"missing field `([A-Za-z_]\w*)`")
+_NAME = re.compile(r"[A-Za-z_]\w*")
 # vLLM/OpenAI "maximum context length", TGI "`inputs` tokens + `max_new_tokens` must be <= N",
 # TGI/TEI "`inputs` must have less than N tokens"
 _CONTEXT = re.compile(
@@ -96,14 +103,31 @@ def parse_error(body: bytes) -> tuple[str, str | None, str]:
     return "", None, ""
 
 
+def _client_param(path: str, input_param: str) -> str | None:
+    """A backend field path in the client's terms: TGI's ``parameters.`` wrapper (the
+    translator's, not the client's) dropped, the first name mapped (``inputs`` -> the input
+    field, ``max_new_tokens`` -> ``max_tokens``), the rest (``[0].content``) kept."""
+    found = _NAME.match(path)
+    if found is None:
+        return None
+    head, rest = found.group(), path[found.end() :]
+    if head == "parameters":
+        return _client_param(rest[1:], input_param) if rest.startswith(".") else None
+    if head == "inputs" or head == "input":
+        return input_param + rest
+    return _PARAM_NAMES.get(head, head) + rest
+
+
 def _param_from_message(message: str, input_param: str) -> str | None:
+    found = _SERDE_PATH.search(message)
+    if found is not None:
+        path, why = found.groups()
+        missing = _MISSING_FIELD.match(why)  # "messages[0]: missing field `role`"
+        return _client_param(f"{path}.{missing.group(1)}" if missing else path, input_param)
     found = _BACKTICKED.search(message)
     if found is None:
         return None
-    name = found.group(1)
-    if name == "inputs" or name == "input":
-        return input_param
-    return _PARAM_NAMES.get(name, name)
+    return _client_param(found.group(1), input_param)
 
 
 def normalize_error(status: int, body: bytes, input_param: str = "messages") -> GatewayError:

@@ -432,7 +432,7 @@ def test_stream_error_kinds_despite_422(message: str, status: int, code: str) ->
             b"Failed to deserialize the JSON body into the target type: stop: invalid type",
             400,
             "invalid_request_error",
-            None,
+            "stop",
         ),
         (401, b"", 502, "backend_unavailable", None),
         (

@@ -667,7 +667,7 @@ def test_completions_stream() -> None:
             b" invalid type: string",
             400,
             "invalid_request_error",
-            None,
+            "stop",
         ),
         (
             415,
