@@ -380,6 +380,8 @@ class ControlApi(admin_pb2_grpc.AdminServicer):
     @_rpc
     async def GrantCredits(self, request: pb.GrantCreditsRequest, p: Principal) -> pb.Grant:
         self._operator(p, "credits:manage")
+        if not request.account:  # money is never granted to the caller by omission
+            raise invalid("Missing required parameter: 'account'.", "account")
         account = self._account(p, "credits:manage", request.account)
         try:
             amount = parse_credits(request.amount)

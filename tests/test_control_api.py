@@ -255,6 +255,16 @@ def test_scoped_operator_keys(gateway: Gateway, admin: Api) -> None:
     )
 
 
+def test_a_grant_names_its_account(admin: Api) -> None:
+    """An omitted account elsewhere means the caller's own; for a grant that would put money
+    in the operator's account by a typo. Refused, and nothing granted."""
+    before = admin.ok("GET", "/v1/credits")["balance"]
+    for body in ({"amount": "1"}, {"account": "", "amount": "1"}):
+        r = admin("POST", "/v1/credits/grants", body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "account", r.text
+    assert admin.ok("GET", "/v1/credits")["balance"] == before
+
+
 def test_grants_are_idempotent_by_id(admin: Api) -> None:
     account = "t-" + uuid.uuid4().hex[:10]
     grant = {"account": account, "amount": "2.5", "id": "invoice-" + account}
