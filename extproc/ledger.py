@@ -76,6 +76,9 @@ class ReserveRequest:
     # How many sequences the backend generates, each up to max_tokens (tokens.sequences): the
     # worst case is this many times the granted max_tokens, and a clamp shares the money out.
     sequences: int = 1
+    # This reserve call's own id, kept in the reservation: a void after a reserve whose answer
+    # never came names it (settle's ``attempt``), so it voids only what this call reserved.
+    attempt: str = ""
 
 
 @dataclass(slots=True)
@@ -136,6 +139,7 @@ class SettleCall:
     reason: str = "settled"
     charge_reserved: bool = False
     counted: bool = False
+    attempt: str = ""  # settle only (not settle_many): only the reservation this attempt made
 
 
 @dataclass(slots=True)
@@ -187,7 +191,7 @@ class Ledger:
             p.input_per_1m, p.output_per_1m, p.per_request,
             req.limits.rpm, req.limits.tpm, req.limits.concurrency,
             now, req.ttl_ms, minute, store.rate_window_prefix(req.key_hash), req.unit,
-            req.sequences,
+            req.sequences, req.attempt,
         ]  # fmt: skip
         call = self._scripts.reserve(keys=keys, args=args)
         if abandoned_reason and not self._ordered:
@@ -237,16 +241,18 @@ class Ledger:
         now_ms: int | None = None,
         charge_reserved: bool = False,
         counted: bool = False,
+        attempt: str = "",
     ) -> Settlement:
         """Post the real usage (None = unknown: void), exactly once per request id.
 
         ``charge_reserved``: the request was served but its usage is unknown (a stream cut off
         by a backend that reports no running usage): charge the reserved amount.
         ``latency_ms`` < 0: measure it from the reservation's creation. ``counted``: the tokens
-        are the stream meter's count (the backend's usage never came), which the entry says."""
+        are the stream meter's count (the backend's usage never came), which the entry says.
+        ``attempt``: settle only the reservation that reserve call made (``ReserveRequest``)."""
         call = SettleCall(
             request_id, prompt_tokens, completion_tokens, status, latency_ms, reason,
-            charge_reserved, counted,
+            charge_reserved, counted, attempt,
         )  # fmt: skip
         keys, args = _settle_call(call, now_ms)
         return _settlement(await self._scripts.settle(keys=keys, args=args))
@@ -261,6 +267,7 @@ class Ledger:
         reason: str,
         charge_reserved: bool,
         counted: bool = False,
+        attempt: str = "",
     ) -> asyncio.Future[Settlement] | None:
         """``settle``, sent now: a future of its result (a future, not a task). None (nothing
         sent) without the pipelined client or its open connection; then await ``settle``."""
@@ -269,7 +276,7 @@ class Ledger:
             return None
         call = SettleCall(
             request_id, prompt_tokens, completion_tokens, status, latency_ms, reason,
-            charge_reserved, counted,
+            charge_reserved, counted, attempt,
         )  # fmt: skip
         keys, args = _settle_call(call, None)
         return _sent(soon, keys, args, _settlement)
@@ -443,7 +450,8 @@ def _usage_record(entry: dict[str, Any]) -> dict[str, Any]:
 def _settle_call(c: SettleCall, now_ms: int | None) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the settle script (store_scripts.SETTLE)."""
     rid = c.request_id
-    return [store.reservation(rid), store.done(rid), store.reservations_due()], _argv(c, now_ms)
+    keys = [store.reservation(rid), store.done(rid), store.reservations_due()]
+    return keys, [*_argv(c, now_ms), c.attempt]
 
 
 def _argv(c: SettleCall, now_ms: int | None) -> list[Any]:

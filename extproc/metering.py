@@ -18,6 +18,7 @@ Request lifecycle (README, "Credits and limits"):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -73,6 +74,12 @@ class Meter:
         self._token = str(os.getpid())
         # settlements the store was out of reach for go again until it takes them
         self.resends = SettleRetry(cfg.metering.reservation_timeout_s, self.metrics)
+        # each reserve call's own id (ReserveRequest.attempt): this process, then a count
+        self._attempts = itertools.count(1)
+        self._attempt_prefix = os.urandom(4).hex() + "."
+
+    def _attempt(self) -> str:
+        return self._attempt_prefix + str(next(self._attempts))
 
     async def reserve(
         self,
@@ -136,9 +143,10 @@ class Meter:
             ttl_ms=self.ttl_ms,
             unit=unit,
             sequences=seqs,
+            attempt=self._attempt(),
         )
         # a worker cancelled here (Envoy closed the stream: the client left) does not leave
-        # the reservation for the sweeper to charge (processor._reserve, Ledger.reserve)
+        # the reservation for the sweeper to charge (below, and Ledger.reserve)
         try:
             res = await self.ledger.reserve(req, abandoned_reason=ABANDONED)
             if res.status != "ok":  # a stream that just ended may not be settled yet: look again
@@ -156,8 +164,18 @@ class Meter:
                         break
         except (AnswerLost, redis.exceptions.TimeoutError):
             # sent, unanswered: the store may have reserved it for a request the client gets a
-            # 503 for. Void it (sent again until the store takes it), not left for the sweeper.
-            self.void_soon(request_id, STORE_LOST)
+            # 503 for. Void it (sent again until the store takes it), not left for the sweeper:
+            # what this call reserved, if anything (another request with this id may own one)
+            self.void_soon(request_id, STORE_LOST, req.attempt)
+            raise
+        except asyncio.CancelledError:
+            # Envoy closed the stream (the client left) while the store reserved: what this
+            # call reserved would go unsettled until the sweeper charged it for a request never
+            # served. The void goes after the reservation on the same connection (none made,
+            # refused, or another request's with this id: the store answers "unknown"); on a
+            # pool of connections (rediss://), where it may overtake the reservation,
+            # Ledger.reserve voids it once made.
+            self.void_soon(request_id, ABANDONED, req.attempt)
             raise
         if res.status == "ok":
             self.metrics.credits.inc("reserved", amount=res.amount)
@@ -290,16 +308,26 @@ class Meter:
         status: int,
         started_ms: int,
         reason: str = "settled",
+        attempt: str = "",
     ) -> asyncio.Future[Settlement]:
         """Settle: the store call goes out now, and this is a future of its result (no task,
-        unless the pipelined connection is not open yet). Calls sent together pipeline."""
+        unless the pipelined connection is not open yet). Calls sent together pipeline.
+        ``attempt``: only the reservation that reserve call made (a void after a lost answer)."""
         prompt, completion, served_unknown = _settle_args(usage, status)
         latency = _latency(started_ms)
         counted = bool(usage and usage.get("counted"))  # the stream meter counted the tokens
 
         def send() -> asyncio.Future[Settlement]:
             future = self.ledger.settle_soon(
-                request_id, prompt, completion, status, latency, reason, served_unknown, counted
+                request_id,
+                prompt,
+                completion,
+                status,
+                latency,
+                reason,
+                served_unknown,
+                counted,
+                attempt,
             )
             if future is not None:
                 return future
@@ -313,6 +341,7 @@ class Meter:
                     reason,
                     charge_reserved=served_unknown,
                     counted=counted,
+                    attempt=attempt,
                 )
             )
 
@@ -376,9 +405,10 @@ class Meter:
         task.add_done_callback(self._pending.discard)
         return task
 
-    def void_soon(self, request_id: str, reason: str) -> None:
-        """Void the request's reservation, if it has one, without waiting."""
-        self.settle(request_id, None, 0, 0, reason).add_done_callback(self._settled)
+    def void_soon(self, request_id: str, reason: str, attempt: str = "") -> None:
+        """Void the request's reservation, if it has one (with ``attempt``: if that reserve
+        call made it), without waiting."""
+        self.settle(request_id, None, 0, 0, reason, attempt).add_done_callback(self._settled)
 
     @staticmethod
     def _settled(future: asyncio.Future[Settlement]) -> None:

@@ -27,7 +27,6 @@ when it fits Envoy's buffer limit; the rest streams to the backend.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -67,7 +66,7 @@ from .envoy_config import (
 from .errors import GatewayError
 from .ledger import Reservation
 from .media import FormUpload
-from .metering import ABANDONED, GENERATIVE, Meter, rate_headers, settled_headers
+from .metering import GENERATIVE, Meter, rate_headers, settled_headers
 from .metrics import Metrics
 from .operations import MODELS_PATH, POST_OPERATIONS, ModelCatalog, Operation
 from .tracing import Phase, TraceParent, Tracing
@@ -489,14 +488,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             log.error("store_unreachable", request_id=st.request_id, phase="reserve")
             raise _STORE_DOWN from None
-        except asyncio.CancelledError:
-            # Envoy closed the stream (the client left) while the store reserved: what it
-            # reserved would go unsettled until the sweeper charged it for a request never
-            # served. A void goes after the reservation on the same connection (none made, or
-            # refused: the store answers "unknown"); on a pool of connections (rediss://),
-            # where it may overtake the reservation, Ledger.reserve voids it once made.
-            self.meter.void_soon(st.request_id, ABANDONED)
-            raise
+        # cancelled (the client left while the store reserved): Meter.reserve voids what this
+        # call reserved, and nothing another request with the same id holds
         finally:  # refusals (402/429) are traced too
             if phases is not None:
                 phases.append(("tollgate.reserve", t, time_ns()))

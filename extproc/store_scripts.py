@@ -78,7 +78,7 @@ end
 RESV_FIELDS = (
     "account", "key_prefix", "model", "backend", "amount", "prompt_est", "granted",
     "tok_reserved", "unit", "minute", "input_per_1m", "output_per_1m", "per_request", "rpm", "tpm",
-    "created_ms", "expires_ms", "k_acct", "k_cc", "k_rl_prefix", "k_ledger", "k_done",
+    "created_ms", "expires_ms", "k_acct", "k_cc", "k_rl_prefix", "k_ledger", "k_done", "attempt",
 )  # fmt: skip
 
 # What settle and sweep add to the prelude: reading a reservation, and posting it.
@@ -98,7 +98,8 @@ local function reservation(key, raw)
     return r
   end
   local l = cjson.decode(raw)
-  if #l ~= RESV_LEN then return nil, l end
+  -- a reservation (an earlier version's has no attempt: one field fewer), else the figures
+  if #l ~= RESV_LEN and #l ~= RESV_LEN - 1 then return nil, l end
   return {"""
     + ", ".join(f"{name} = l[{i}]" for i, name in enumerate(RESV_FIELDS, 1))
     + r"""}
@@ -160,13 +161,16 @@ end
 #       requested_max_tokens (0 = clamp to what the balance and the limits allow, up to cap;
 #       with cap 0 too, the request generates nothing: embeddings), cap,
 #       input_per_1m, output_per_1m, per_request, rpm, tpm, concurrency (0 = unlimited),
-#       now_ms, ttl_ms, minute, rate window prefix, unit, sequences
+#       now_ms, ttl_ms, minute, rate window prefix, unit, sequences, attempt
 #       unit: what prompt_tokens count ('tokens'; for media 'audio_seconds', 'characters' or
 #       'images', priced through input_per_1m and never counted in the tokens-per-minute window)
 #       sequences: how many sequences the backend generates, each up to max_tokens (n choices,
 #       per prompt of a batch): the worst case is sequences x max_tokens; a clamp grants each
 #       the same share of what the money and the window allow. The reply's granted is per
 #       sequence (the max_tokens to send); the reservation records the total.
+#       attempt: this reserve call's own id, kept in the reservation: a void that may follow a
+#       reserve whose answer never came (the client left, the store's answer was lost) names
+#       it, so it can only void what this call reserved, never the request id's owner's.
 # Returns {status, granted, amount, rpm_limit, rpm_remaining, tpm_limit, tpm_remaining,
 #          reset_s, retry_after, balance, pending, available} for every status; status is one
 #          of ok, duplicate, rate_limit_requests, concurrency, rate_limit_tokens,
@@ -236,7 +240,7 @@ if conc > 0 then redis.call('ZADD', cc_key, int(now + ttl), rid) else cc_key = '
 redis.call('SET', resv_key, enc({
   ARGV[2], ARGV[4], ARGV[5], ARGV[6], int(amount), int(prompt), int(out), int(counted), unit,
   int(minute), int(pin), int(pout), int(preq), int(rpm), int(tpm), int(now), int(now + ttl),
-  acct_key, cc_key, ARGV[19], ledger_key, done_key}))
+  acct_key, cc_key, ARGV[19], ledger_key, done_key, ARGV[22] or ''}))
 redis.call('ZADD', due_key, int(now + ttl), rid)
 pending = redis.call('HINCRBY', acct_key, 'pending', int(amount))
 -- an account with a balance is listed already (a grant lists it): list only the others
@@ -262,7 +266,7 @@ _SETTLE_ONE = (
     _POSTING
     + r"""
 local function settle_one(resv_key, done_key, due_key, rid, p, c, http_status, latency_ms, now,
-                          reason, counted)
+                          reason, counted, attempt)
   local this_minute = math.floor(now / 60000)
   -- window_minute, req, tok: the window post() read, reused when it is this minute's
   local function reply(status, charged, written_off, kind, rl_prefix, rpm, tpm, balance, pending,
@@ -290,6 +294,11 @@ local function settle_one(resv_key, done_key, due_key, rid, p, c, http_status, l
                  tonumber(d[7]), balance, pending)
   end
   if not r then return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''} end
+  if attempt ~= '' and (r.attempt or '') ~= attempt then
+    -- a void for a reserve call whose answer never came, and another call reserved this id
+    -- (a duplicate X-Request-ID that was refused): not this caller's to void
+    return {'unknown', 0, 0, 0, 0, -1, -1, 0, ''}
+  end
   if latency_ms < 0 then latency_ms = now - tonumber(r.created_ms) end
   local known = p >= 0 and c >= 0
   local kind, amount_due, tin, tout = 'debit', 0, cjson.null, cjson.null
@@ -320,13 +329,14 @@ end
 # 2a. settle one request.
 # KEYS: resv, done, due zset
 # ARGV: request_id, prompt_tokens, completion_tokens, http status, latency_ms, now_ms, reason,
-#       counted ('1' or '0'); as settle_one. Returns settle_one's reply.
+#       counted ('1' or '0'), attempt ('' or absent: any; else only the reservation that reserve
+#       call made); as settle_one. Returns settle_one's reply.
 SETTLE = (
     _SETTLE_ONE
     + r"""
 return settle_one(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
                   tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7],
-                  ARGV[8] == '1')
+                  ARGV[8] == '1', ARGV[9] or '')
 """
 )
 
@@ -349,7 +359,7 @@ for i = 3, #ARGV, 8 do
   local ok, res = pcall(settle_one, resv_prefix .. rid, done_prefix .. rid, due_key, rid,
                         tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
                         tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), ARGV[i + 6],
-                        ARGV[i + 7] == '1')
+                        ARGV[i + 7] == '1', '')
   if ok then
     out[#out + 1] = res
   else

@@ -59,11 +59,12 @@ def request(
     ttl_ms: int = 60_000,
     model: str = "m1",
     sequences: int = 1,
+    attempt: str = "",
 ) -> ReserveRequest:
     return ReserveRequest(
         request_id=rid, account=account, key_hash=key, key_prefix=f"tg_{key}", model=model,
         backend="b1", prompt_tokens=prompt, requested_max_tokens=max_tokens, cap=cap,
-        price=price, limits=limits, ttl_ms=ttl_ms, sequences=sequences,
+        price=price, limits=limits, ttl_ms=ttl_ms, sequences=sequences, attempt=attempt,
     )  # fmt: skip
 
 
@@ -236,6 +237,29 @@ async def test_several_sequences_reserve_each_one_s_worst_case(ledger: Ledger) -
     assert r.status == "rate_limit_tokens"
     total, balance = await ledger.reconcile("acme")
     assert total == balance
+
+
+async def test_a_void_after_a_lost_answer_voids_only_what_that_call_reserved(
+    ledger: Ledger,
+) -> None:
+    """A duplicate X-Request-ID, refused, whose client left while the store answered: its void
+    names its own reserve call, so the served owner of the id keeps its reservation and is
+    charged. Before, the void went by request id alone and made the served request free."""
+    await ledger.grant("acme", 10**6)
+    assert (await ledger.reserve(request("r", attempt="owner"), now_ms=T0)).ok
+    dup = await ledger.reserve(request("r", attempt="dup"), now_ms=T0 + 1)
+    assert dup.status == "duplicate"
+    void = await ledger.settle("r", None, None, 0, -1, "client_disconnected", attempt="dup")
+    assert void.status == "unknown" and void.charged == 0
+    assert (await ledger.balance("acme")).pending == token_cost(PRICE, 100, 50)
+    s = await ledger.settle("r", 100, 20, 200, 5, now_ms=T0 + 10)
+    assert s.status == "ok" and s.entry_type == "debit" and s.charged == token_cost(PRICE, 100, 20)
+    # the owner's own void (its answer lost) still voids its own reservation
+    assert (await ledger.reserve(request("q", attempt="mine"), now_ms=T0)).ok
+    void = await ledger.settle("q", None, None, 0, -1, "store_unavailable", attempt="mine")
+    assert void.status == "ok" and void.entry_type == "void"
+    total, balance = await ledger.reconcile("acme")
+    assert total == balance == 10**6 - token_cost(PRICE, 100, 20)
 
 
 async def test_no_completion_reserves_the_prompt(ledger: Ledger) -> None:

@@ -951,3 +951,50 @@ def test_a_client_that_leaves_while_the_store_reserves_is_not_charged(gateway: G
     assert entry["reason"] == "client_disconnected"
     assert parse_credits(_get(gateway, key, "/credits")["reserved"]) == 0
     _reconciles(gateway, key)
+
+
+def test_a_duplicate_request_id_whose_client_leaves_does_not_void_the_served_one(
+    gateway: Gateway,
+) -> None:
+    """A request served under an id, and a second request with the same id whose client leaves
+    while the store answers its reservation (held here with CLIENT PAUSE): the second's void
+    names its own reserve call, so the first is still charged. Before, the void went by the id
+    alone and the served request's entry was a void: served for free, on demand."""
+    from tests.harness import connect_sync
+
+    _, key = _account(gateway, "1")
+    auth = {"Authorization": f"Bearer {key}"}
+    rid = "dup-" + uuid.uuid4().hex
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 10, "stream": True}
+    pace = {"x-sim-itl-ms": "100", "x-sim-output-tokens": "10"}
+    store = connect_sync(gateway.cfg.store_url)
+    with httpx.stream(
+        "POST",
+        gateway.v1 + "/chat/completions",
+        headers={**auth, **pace, "X-Request-ID": rid},
+        json=body,
+        timeout=20,
+    ) as served:
+        assert served.status_code == 200
+        chunks = served.iter_text()
+        next(chunks)  # reserved and running
+        store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(
+                gateway.v1 + "/chat/completions",
+                headers={**auth, "X-Request-ID": rid},
+                json=body,
+                timeout=0.5,
+            )
+        text = "".join(chunks)
+    assert text.rstrip().endswith("data: [DONE]")
+    entries: list[dict] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        entries = [e for e in _ledger(gateway, key) if e.get("request_id") == rid]
+        if entries:
+            break
+        time.sleep(0.1)
+    assert len(entries) == 1 and entries[0]["type"] == "debit", entries
+    assert entries[0]["tokens_out"] == 10
+    _reconciles(gateway, key)
