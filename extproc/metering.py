@@ -284,9 +284,9 @@ class Meter:
         tokens = _tokens(usage)
         self.settle(request_id, usage, status, started_ms, reason).add_done_callback(self._settled)
         before = res.available + res.amount  # available once this reservation is released
-        if tokens is None:
+        if tokens is None:  # served: the reservation is charged, else voided (all released)
             due = res.amount if status < 400 else 0
-            used = res.tokens
+            used = res.tokens if status < 400 else 0
         else:
             p, c = tokens
             due = 0 if status >= 400 and p + c == 0 else token_cost(self.prices[model_id], p, c)

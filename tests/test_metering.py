@@ -437,6 +437,22 @@ def test_backend_error_is_not_charged(gateway: Gateway) -> None:
     _reconciles(gateway, key)
 
 
+def test_a_voided_request_gives_its_reserved_tokens_back_in_the_headers(gateway: Gateway) -> None:
+    """A backend error is voided and its reserved tokens released in the window: the tokens
+    remaining on its own response say so (it said the whole reservation was used)."""
+    _, key = _account(gateway, "5", tpm=10_000)
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 500}
+    r = httpx.post(
+        gateway.v1 + "/chat/completions", headers={**auth, "x-sim-error": "500"}, json=body
+    )
+    assert r.status_code == 502
+    assert r.headers["x-ratelimit-remaining-tokens"] == "10000", r.headers
+    r = httpx.post(gateway.v1 + "/chat/completions", headers=auth, json=body | {"max_tokens": 1})
+    used = r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"]
+    assert r.headers["x-ratelimit-remaining-tokens"] == str(10_000 - used)
+
+
 def test_backend_down_is_voided(gateway: Gateway) -> None:
     _, key = _account(gateway, "5")
     r = httpx.post(
