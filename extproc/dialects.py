@@ -61,6 +61,7 @@ import orjson
 
 from .config import GatewayConfig, Model
 from .errors import CODES, GatewayError, invalid
+from .media import audio_seconds, transcript_seconds
 from .operations import (
     CHAT,
     CLASSIFY,
@@ -332,7 +333,7 @@ class ProxyTranslator:
     (errors too) while the usage is read from the backend's headers (or body) where its schema
     puts it there."""
 
-    __slots__ = ("_buf", "_generated", "_prompt", "_stream", "model", "route", "usage")
+    __slots__ = ("_buf", "_generated", "_prompt", "_stream", "_timed", "model", "route", "usage")
 
     dropped: list[str] = []  # nothing is ever dropped (shared, never mutated)
     rewrites_stream = False  # the backend's own stream passes as it is
@@ -348,6 +349,9 @@ class ProxyTranslator:
         self._prompt: int | None = None
         self._generated: int | None = None
         self._buf = b""
+        # a transcript priced per audio second: its answer is read for the duration (the
+        # client's format, untouched: verbose_json's duration, or json's usage.seconds)
+        self._timed = route.op is _TRANSCRIPTION and bool(model.price.per_audio_second)
 
     # ------------------------------------------------------------------ request
     def prepare(self, body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -440,13 +444,25 @@ class ProxyTranslator:
         return None  # the backend's status, as it is
 
     def wants_response_body(self, status: int, content_type: str) -> bool:
-        # Only a TGI /generate answer whose headers lacked the generated-token count.
-        return (
-            status < 400 and self.route.schema == "tgi" and not self._stream and self.usage is None
-        )
+        # A TGI /generate answer whose headers lacked the generated-token count, and a
+        # transcript priced per second whose answer is JSON (text, srt, vtt name no duration)
+        if status >= 400:
+            return False
+        if self._timed:
+            return content_type.startswith("application/json")
+        return self.route.schema == "tgi" and not self._stream and self.usage is None
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
         self._buf += chunk
+        if end_of_stream and self._timed:
+            raw, self._buf = self._buf, b""
+            seconds = transcript_seconds(raw)
+            if seconds is not None:  # else unknown: charged the reservation
+                self.usage = {
+                    "prompt_tokens": audio_seconds(self.model, seconds),
+                    "completion_tokens": 0,
+                }
+            return None
         if end_of_stream:
             raw, self._buf = self._buf, b""
             try:

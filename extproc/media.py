@@ -34,6 +34,8 @@ from email.message import Message
 from email.utils import collapse_rfc2231_value
 from typing import Any
 
+import orjson
+
 from .config import Model
 from .errors import GatewayError, invalid
 from .money import MICRO, Price
@@ -67,6 +69,24 @@ def reserved_units(op: str, model: Model, body: Mapping[str, Any]) -> int:
     if op == "speech":
         return len(body["input"])
     return int(body.get("n") or 1)  # images
+
+
+def transcript_seconds(raw: bytes) -> float | None:
+    """The audio seconds a JSON transcript names: verbose_json's ``duration``, or the newer
+    ``json`` answer's ``usage`` of type ``duration``; None when it names none."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    value = data.get("duration")
+    usage = data.get("usage")
+    if value is None and isinstance(usage, dict) and usage.get("type") == "duration":
+        value = usage.get("seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
 
 
 def audio_seconds(model: Model, duration: float) -> int:

@@ -364,6 +364,35 @@ def test_proxy_media_routes(gw: Gateway) -> None:
     assert r.json()["data"][0]["b64_json"]
 
 
+@pytest.mark.parametrize(
+    ("fmt", "amount"),
+    [
+        ("json", 1_200),  # usage.seconds: 0.001 a request + 2 s x 0.0001
+        ("verbose_json", 1_200),  # duration
+        ("text", 61_000),  # names no duration: the reservation (600 s at most)
+    ],
+)
+def test_proxy_transcript_priced_per_second_is_charged_its_duration(
+    gw: Gateway, fmt: str, amount: int
+) -> None:
+    """A transcription through the proxy keeps the client's format; when the answer is JSON
+    its duration is read (a body message), else the reservation is charged. Before, every
+    such request was charged its whole max_audio_seconds."""
+    audio = b"\x00\x01" * 32000  # 2 s at the simulator's 32,000 bytes a second
+    r = httpx.post(
+        gw.base_url + "/models/whisper-1/proxy/v1/transcript",
+        headers=_auth(gw.key),
+        data={"model": "whisper-1", "response_format": fmt},
+        files={"file": ("a.wav", audio, "audio/wav")},
+        timeout=20,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-credits-used"] == format_credits(amount)
+    assert _debit(gw, r.headers["x-request-id"])["amount"] == "-" + format_credits(amount)
+    if fmt == "text":
+        assert not r.text.startswith("{")  # the client's format, untouched
+
+
 def test_proxy_errors(gw: Gateway) -> None:
     r = _post(gw, "/models/tgi-model/proxy/v1/embed", {"inputs": "x"})
     assert r.status_code == 404
