@@ -18,6 +18,7 @@ Request lifecycle (README, "Credits and limits"):
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import time
@@ -282,7 +283,9 @@ class Meter:
         If the call fails, the sweeper charges the reservation later."""
         reason = "settled" if status < 400 else "backend_error"
         tokens = _tokens(usage)
-        self.settle(request_id, usage, status, started_ms, reason).add_done_callback(self._settled)
+        self.settle(request_id, usage, status, started_ms, reason).add_done_callback(
+            functools.partial(_settled, request_id)
+        )
         before = res.available + res.amount  # available once this reservation is released
         if tokens is None:  # served: the reservation is charged, else voided (all released)
             due = res.amount if status < 400 else 0
@@ -408,13 +411,16 @@ class Meter:
     def void_soon(self, request_id: str, reason: str, attempt: str = "") -> None:
         """Void the request's reservation, if it has one (with ``attempt``: if that reserve
         call made it), without waiting."""
-        self.settle(request_id, None, 0, 0, reason, attempt).add_done_callback(self._settled)
+        self.settle(request_id, None, 0, 0, reason, attempt).add_done_callback(
+            functools.partial(_settled, request_id)
+        )
 
-    @staticmethod
-    def _settled(future: asyncio.Future[Settlement]) -> None:
-        if not future.cancelled() and (exc := future.exception()) is not None:
-            # out of reach: sent again (settle_retry.py); else the sweeper charges it
-            log.error("settle_failed", error=str(exc), resent=lost(exc))
+
+def _settled(request_id: str, future: asyncio.Future[Settlement]) -> None:
+    """A settlement's done callback (a partial: no reference cycle through the future)."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        # out of reach: sent again (settle_retry.py); else the sweeper charges it
+        log.error("settle_failed", request_id=request_id, error=str(exc), resent=lost(exc))
 
 
 def _settle_args(usage: dict[str, Any] | None, status: int) -> tuple[int | None, int | None, bool]:

@@ -124,7 +124,12 @@ class SettleLog(als_pb2_grpc.AccessLogServiceServicer):
                 # a batch the store was out of reach for goes again later; then count()
                 results = await self.meter.settle_many(records, then=count)
             except Exception as exc:
-                log.error("log_settle_failed", records=len(records), error=str(exc))
+                log.error(
+                    "log_settle_failed",
+                    records=len(records),
+                    request_ids=[r[0] for r in records],
+                    error=str(exc),
+                )
                 continue
             count(results)
         return StreamAccessLogsResponse()

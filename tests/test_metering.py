@@ -1014,3 +1014,23 @@ def test_a_duplicate_request_id_whose_client_leaves_does_not_void_the_served_one
     assert len(entries) == 1 and entries[0]["type"] == "debit", entries
     assert entries[0]["tokens_out"] == 10
     _reconciles(gateway, key)
+
+
+def test_a_failed_settlement_logs_its_request_id() -> None:
+    """Every log line carries the request id: a settlement the store refused too (it was
+    logged without one, found by an audit)."""
+    import asyncio
+
+    import redis.exceptions
+    from structlog.testing import capture_logs
+
+    from extproc.metering import _settled
+
+    async def failed() -> None:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future.set_exception(redis.exceptions.ConnectionError("store unreachable"))
+        with capture_logs() as logs:
+            _settled("req-42", future)
+        assert logs[0]["event"] == "settle_failed" and logs[0]["request_id"] == "req-42"
+
+    asyncio.run(failed())
