@@ -276,6 +276,10 @@ def _metering_filters() -> list[dict[str, Any]]:
             "response_rules": {
                 "rules": _usage_rules(),
                 "allow_content_types": ["application/json"],
+                # and with parameters ("application/json; charset=utf-8", as Go's servers
+                # write it): else the usage is not lifted and the answer is charged its
+                # whole reservation
+                "allow_content_types_regex": {"regex": r"(?i)application/json\s*;.*"},
             },
         },
     }

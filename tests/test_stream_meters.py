@@ -69,6 +69,14 @@ LATE_USAGE = (
 ) % (estimate_prompt_tokens("chat", _HI), estimate_prompt_tokens("chat", _HI) + 2)
 
 
+# A non-streaming answer whose content type has a charset parameter
+JSON_ANSWER = (
+    '{"id":"chatcmpl-j","object":"chat.completion","created":1,"model":"scripted","choices":'
+    '[{"index":0,"message":{"role":"assistant","content":"Toll gate"},"finish_reason":"stop"}],'
+    '"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}'
+)
+
+
 class _Scripted(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -82,6 +90,14 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", "0")))
+        if self.headers.get("x-sim-script") == "json-charset":  # a JSON answer, as Go writes it
+            body = JSON_ANSWER.encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json; charset=utf-8")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
@@ -271,6 +287,31 @@ def test_an_overrun_paid_from_credits_others_hold_shows_in_both_meters_figures(
         assert figures["credits_used"] == format_credits(cost), figures  # was `own`'s worth
         debit = _debit(gw, key, rid)
         assert debit["amount"] == "-" + format_credits(cost)  # all of it: nothing written off
+
+
+def test_a_json_answer_with_a_charset_is_settled_from_its_usage(
+    gateways: dict[str, Gateway],
+) -> None:
+    """``application/json; charset=utf-8`` is JSON too: its usage is lifted and charged. Before,
+    only the bare media type was read, and such an answer was charged its whole reservation
+    (without max_tokens, what the balance paid for)."""
+    gw = gateways["native"]
+    account, rid = "acct-" + uuid.uuid4().hex[:8], "json-" + uuid.uuid4().hex
+    key = _account(gw, account)
+    r = httpx.post(
+        gw.v1 + "/chat/completions",
+        json=dict(_HI),
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-Request-ID": rid,
+            "x-sim-script": "json-charset",
+        },
+    )
+    assert r.status_code == 200, r.text
+    price = gw.cfg.models_by_id["scripted"].price
+    assert r.headers["x-credits-used"] == format_credits(token_cost(price, 9, 3))
+    debit = _debit(gw, key, rid)
+    assert (debit["tokens_in"], debit["tokens_out"]) == (9, 3) and "counted" not in debit
 
 
 def test_both_meters_give_the_same_trailers(gateways: dict[str, Gateway]) -> None:
