@@ -99,9 +99,11 @@ static void put(bytes *b, const char *s, size_t n) {
 
 /* ---- one metered stream ---- */
 
+
 typedef struct {
   bool active, seen_body, keep_usage, have_usage;
   bool failed; /* an error event before any token or usage: the stream is voided */
+  bool pending_cr; /* the last chunk ended in CR: an LF opening the next one is its CRLF's */
   bool estimated; /* the figures are the prompt estimate and the counted chunks, not usage */
   long long price_in, price_out, price_req, available, balance;
   long long prompt, completion;
@@ -110,6 +112,29 @@ typedef struct {
   size_t request_id_len;
   bytes tail; /* a partial event, waiting for its blank line */
 } meter;
+
+/* Append a body chunk to the meter's tail with its line ends made LF: SSE allows CRLF and CR
+ * as well (sse-starlette writes CRLF), and the events are split on a blank line ("\n\n"); a
+ * CRLF split between two chunks is one line end. JSON carries no raw CR, so only the framing
+ * changes. */
+static void put_lf(meter *m, const char *s, size_t n) {
+  if (n > 0 && m->pending_cr && s[0] == '\n') s++, n--;
+  m->pending_cr = false;
+  if (n == 0) return;
+  if (memchr(s, '\r', n) == NULL) {
+    put(&m->tail, s, n);
+    return;
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (s[i] != '\r') {
+      put(&m->tail, s + i, 1);
+      continue;
+    }
+    put(&m->tail, "\n", 1);
+    if (i + 1 < n && s[i + 1] == '\n') i++;
+    else if (i + 1 == n) m->pending_cr = true;
+  }
+}
 
 static bool md_number(void *f, tg_buf key, long long *out) {
   double v;
@@ -400,7 +425,6 @@ int envoy_dynamic_module_on_http_filter_response_headers(void *f, const void *mo
 
 int envoy_dynamic_module_on_http_filter_response_body(void *f, const void *module, bool eos) {
   meter *m = (meter *)module;
-  (void)eos;
   if (m == NULL || !m->active) return 0;
   if (!m->seen_body) {
     /* the backend's first body chunk comes with its first token: time to first token */
@@ -421,7 +445,7 @@ int envoy_dynamic_module_on_http_filter_response_body(void *f, const void *modul
   if (count > 0 &&
       envoy_dynamic_module_callback_http_get_body_chunks(f, BODY_RECEIVED_RESPONSE, chunks)) {
     for (size_t i = 0; i < count; i++) {
-      put(&m->tail, chunks[i].ptr, chunks[i].length);
+      put_lf(m, chunks[i].ptr, chunks[i].length);
       size += chunks[i].length;
     }
   }
@@ -435,6 +459,12 @@ int envoy_dynamic_module_on_http_filter_response_body(void *f, const void *modul
     size_t end = (size_t)(sep - data);
     rewrite_event(m, data + pos, end - pos, &out);
     pos = end + 2;
+  }
+  if (eos) { /* a last event without its blank line ("data: [DONE]" and the end) */
+    size_t end = n;
+    while (end > pos && data[end - 1] == '\n') end--;
+    if (end > pos) rewrite_event(m, data + pos, end - pos, &out);
+    pos = n;
   }
   memmove(m->tail.p, data + pos, n - pos);
   m->tail.n = n - pos;

@@ -257,6 +257,7 @@ function envoy_on_response(handle)
     st.prompt_estimated = header == nil
   end
   local tail = ""
+  local pending_cr = false -- the last chunk ended in CR: an LF opening the next is its CRLF's
   local first = true
   local usage = { n = 0 }
   -- until the first token or usage: a stream cut in the queue or the prefill is charged its
@@ -277,7 +278,18 @@ function envoy_on_response(handle)
       )
     end
     local seen_p, seen_c = tokens(usage, md)
-    local data = tail .. chunk:getBytes(0, chunk:length())
+    local bytes = chunk:getBytes(0, chunk:length())
+    -- line ends made LF: SSE allows CRLF and CR too (sse-starlette writes CRLF), and events
+    -- are split on a blank line; JSON carries no raw CR, so only the framing changes
+    if pending_cr and string.sub(bytes, 1, 1) == "\n" then
+      bytes = string.sub(bytes, 2)
+    end
+    pending_cr = false
+    if string.find(bytes, "\r", 1, true) then
+      pending_cr = string.sub(bytes, -1) == "\r"
+      bytes = string.gsub(string.gsub(bytes, "\r\n", "\n"), "\r", "\n")
+    end
+    local data = tail .. bytes
     local out = {}
     local pos = 1
     while true do

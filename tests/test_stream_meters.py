@@ -109,6 +109,12 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
             parts += NO_USAGE[1:]
         elif script == "late-usage":  # usage at the end only, the same as the count
             parts = [*NO_USAGE[:-1], NO_USAGE[-1].replace("data: [DONE]", LATE_USAGE, 1)]
+        elif script == "crlf":  # the same stream framed with CRLF (as sse-starlette writes it)
+            parts = [p.replace("\n", "\r\n") for p in SCRIPT]
+            parts[0] = parts[0][:-1]  # a CRLF split between two chunks
+            parts[1] = "\n" + parts[1]
+        elif script == "no-last-blank-line":  # ends with "data: [DONE]" and no blank line
+            parts = [*SCRIPT[:-1], SCRIPT[-1].rstrip("\n")]
         try:
             for part in parts:
                 data = part.encode()
@@ -287,6 +293,36 @@ def test_an_overrun_paid_from_credits_others_hold_shows_in_both_meters_figures(
         assert figures["credits_used"] == format_credits(cost), figures  # was `own`'s worth
         debit = _debit(gw, key, rid)
         assert debit["amount"] == "-" + format_credits(cost)  # all of it: nothing written off
+
+
+@pytest.mark.parametrize("script", ["crlf", "no-last-blank-line"])
+def test_a_stream_framed_otherwise_reaches_the_client_whole(
+    gateways: dict[str, Gateway], script: str
+) -> None:
+    """SSE may end its lines with CRLF (or CR), and a stream may end without its last blank
+    line: the client still gets every event, [DONE] and the figures, and the ledger the
+    backend's usage. Before, a CRLF stream reached the client as a 200 with no bytes at all,
+    charged the prompt estimate; and a last event without its blank line was swallowed. The
+    Lua meter (the fallback) normalizes line ends, but keeps a last event without its blank
+    line, as before."""
+    price = gateways["native"].cfg.models_by_id["scripted"].price
+    for meter, gw in gateways.items():
+        if meter == "lua" and script == "no-last-blank-line":
+            continue
+        account, rid = "acct-" + uuid.uuid4().hex[:8], "meters-" + uuid.uuid4().hex
+        key = _account(gw, account)
+        headers = {"Authorization": f"Bearer {key}", "X-Request-ID": rid, "x-sim-script": script}
+        r = httpx.post(
+            gw.v1 + "/chat/completions", json=dict(_HI) | {"stream": True}, headers=headers
+        )
+        assert r.status_code == 200
+        assert "\r" not in r.text and r.text.rstrip().endswith("data: [DONE]"), (meter, r.text)
+        events = [e for e in r.text.split("\n\n") if e.startswith("data: {")]
+        assert len(events) == 4, (meter, r.text)  # the usage chunk, not asked for, is gone
+        figures = json.loads(r.text.split("\n\n")[-3][11:])
+        assert figures["credits_used"] == format_credits(token_cost(price, 9, 2)), meter
+        debit = _debit(gw, key, rid)
+        assert (debit["tokens_in"], debit["tokens_out"]) == (9, 2) and "counted" not in debit
 
 
 def test_a_json_answer_with_a_charset_is_settled_from_its_usage(
