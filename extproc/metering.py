@@ -55,6 +55,7 @@ EARLY_RECHECKS = 2
 LOW_BALANCE_RESERVATIONS = 4
 ABANDONED = "client_disconnected"  # the void's reason when a reserve's caller is cancelled
 STORE_LOST = "store_unavailable"  # ... and when the store may have reserved but its answer was lost
+MAX_REPORTED_TOKENS = 2**31  # a usage figure at or above this is no count (see _count)
 GENERATIVE = ("chat", "completions")  # operations that generate tokens (max_tokens applies)
 
 
@@ -435,11 +436,23 @@ def _latency(started_ms: int) -> int:
     return max(0, int(time.time() * 1000) - started_ms) if started_ms else -1
 
 
+def _count(value: Any) -> int | None:
+    """A backend's token count: a whole number from 0 below 2^31 (no request counts more;
+    1e18 from a broken backend would take the balance), else None (unknown)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0 <= value < MAX_REPORTED_TOKENS or value != int(value):
+        return None
+    return int(value)
+
+
 def _tokens(usage: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The usage's prompt and completion tokens, None when either is no count (unknown: a
+    served request is then charged its reservation)."""
     if usage:
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(p, int | float) and isinstance(c, int | float) and p >= 0 and c >= 0:
-            return int(p), int(c)
+        p, c = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        if p is not None and c is not None:
+            return p, c
     return None
 
 

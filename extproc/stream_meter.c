@@ -228,8 +228,14 @@ static bool number_after(const char *s, size_t n, const char *key, size_t k, lon
     const char *q = p + k;
     while (q < end && is_space(*q)) q++;
     if (q < end && *q >= '0' && *q <= '9') {
+      /* a token count: a whole number below 2^31 (no backend counts more); 1e18, 3.7 or a
+       * run of digits no long long holds is no count, and the stream counts its chunks */
       long long v = 0;
-      while (q < end && *q >= '0' && *q <= '9') v = v * 10 + (*q++ - '0');
+      int digits = 0;
+      while (q < end && *q >= '0' && *q <= '9' && digits < 11) v = v * 10 + (*q++ - '0'), digits++;
+      if (v >= 2147483648LL || (q < end && ((*q >= '0' && *q <= '9') || *q == '.' || *q == 'e' ||
+                                            *q == 'E')))
+        return false;
       *out = v;
       return true;
     }

@@ -92,11 +92,21 @@ local function figures(usage, md)
   )
 end
 
+-- a token count: a whole number below 2^31 (no backend counts more); 1e18 or 3.7 is none
+local function count_of(text, key)
+  local digits, after = string.match(text, '"' .. key .. '":%s*(%d+)([^,}%s]?)')
+  if digits == nil or after ~= "" or #digits > 10 then
+    return nil
+  end
+  local v = tonumber(digits)
+  return v < 2147483648 and v or nil
+end
+
 local function counts(text, usage)
-  local p = string.match(text, '"prompt_tokens":%s*(%d+)')
-  local c = string.match(text, '"completion_tokens":%s*(%d+)')
+  local p = count_of(text, "prompt_tokens")
+  local c = count_of(text, "completion_tokens")
   if p ~= nil and c ~= nil then
-    usage.p, usage.c = tonumber(p), tonumber(c)
+    usage.p, usage.c = p, c
   end
 end
 

@@ -1034,3 +1034,15 @@ def test_a_failed_settlement_logs_its_request_id() -> None:
         assert logs[0]["event"] == "settle_failed" and logs[0]["request_id"] == "req-42"
 
     asyncio.run(failed())
+
+
+def test_only_counts_a_backend_could_make_are_read_as_usage() -> None:
+    from extproc.metering import _tokens
+    from extproc.translators.tgi_native import int_header
+
+    assert _tokens({"prompt_tokens": 9, "completion_tokens": 3.0}) == (9, 3)
+    for bad in (1e18, 2**31, -1, 3.7, float("inf"), float("nan"), True, "3", None):
+        assert _tokens({"prompt_tokens": 9, "completion_tokens": bad}) is None, bad
+    assert int_header("12") == 12
+    for bad in ("1000000000000000000000", "-3", "2147483648", "x"):
+        assert int_header(bad) is None, bad

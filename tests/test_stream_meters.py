@@ -23,7 +23,7 @@ import pytest
 from extproc import native_meter
 from extproc.config import load_config
 from extproc.envoy_config import LUA_METER_HEADER, NATIVE_METER_FILTER, render
-from extproc.money import format_credits, token_cost
+from extproc.money import format_credits, parse_credits, token_cost
 from extproc.supervisor import Stack, StartError
 from extproc.tokens import estimate_prompt_tokens
 from tests import h2client
@@ -90,8 +90,11 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", "0")))
-        if self.headers.get("x-sim-script") == "json-charset":  # a JSON answer, as Go writes it
+        script = self.headers.get("x-sim-script")
+        if script in ("json-charset", "json-huge"):  # a JSON answer, as Go writes it
             body = JSON_ANSWER.encode()
+            if script == "json-huge":  # a broken backend's count
+                body = body.replace(b'"completion_tokens":3', b'"completion_tokens":1e18')
             self.send_response(200)
             self.send_header("content-type", "application/json; charset=utf-8")
             self.send_header("content-length", str(len(body)))
@@ -115,6 +118,13 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
             parts[1] = "\n" + parts[1]
         elif script == "no-last-blank-line":  # ends with "data: [DONE]" and no blank line
             parts = [*SCRIPT[:-1], SCRIPT[-1].rstrip("\n")]
+        elif script == "huge-usage":  # counts no long long holds, and one in exponent form
+            parts = [
+                p.replace(
+                    '"completion_tokens":2', '"completion_tokens":9223372036854775809'
+                ).replace('"completion_tokens": 0', '"completion_tokens": 1e18')
+                for p in SCRIPT
+            ]
         try:
             for part in parts:
                 data = part.encode()
@@ -323,6 +333,47 @@ def test_a_stream_framed_otherwise_reaches_the_client_whole(
         assert figures["credits_used"] == format_credits(token_cost(price, 9, 2)), meter
         debit = _debit(gw, key, rid)
         assert (debit["tokens_in"], debit["tokens_out"]) == (9, 2) and "counted" not in debit
+
+
+def test_a_count_no_backend_makes_is_no_count(gateways: dict[str, Gateway]) -> None:
+    """Usage of 1e18 tokens, or more digits than a 64-bit integer holds, is a broken backend's:
+    not read as a count. A stream is charged the last usage that was one (both meters alike),
+    an answer its reservation. Before, such a count took the account's whole
+    balance (and past 2^63 corrupted the ledger entry)."""
+    prompt = estimate_prompt_tokens("chat", _HI)
+    body = dict(_HI) | {"max_tokens": 20}
+    got = {}
+    for meter, gw in gateways.items():
+        account = "acct-" + uuid.uuid4().hex[:8]
+        key = _account(gw, account)
+        price = gw.cfg.models_by_id["scripted"].price
+        for script in ("huge-usage", "json-huge"):
+            rid = "huge-" + uuid.uuid4().hex
+            headers = {
+                "Authorization": f"Bearer {key}",
+                "X-Request-ID": rid,
+                "x-sim-script": script,
+            }
+            stream = script == "huge-usage"
+            r = httpx.post(
+                gw.v1 + "/chat/completions", json=body | {"stream": stream}, headers=headers
+            )
+            assert r.status_code == 200, r.text
+            got[meter, script] = debit = _debit(gw, key, rid)
+            if stream:  # the last count that was one: the second chunk's running usage
+                assert (debit["tokens_in"], debit["tokens_out"]) == (9, 1), debit
+                assert "counted" not in debit
+            else:  # unknown usage: the reservation
+                assert debit["amount"] == "-" + format_credits(token_cost(price, prompt, 20))
+        assert (
+            parse_credits(
+                httpx.get(gw.v1 + "/credits", headers={"Authorization": f"Bearer {key}"}).json()[
+                    "balance"
+                ]
+            )
+            > 2_000_000
+        )
+    assert got["native", "huge-usage"] == got["lua", "huge-usage"]
 
 
 def test_a_json_answer_with_a_charset_is_settled_from_its_usage(

@@ -770,9 +770,10 @@ def int_header(value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        return int(value.strip())
+        n = int(value.strip())
     except ValueError:
         return None
+    return n if 0 <= n < 2**31 else None  # a count, not a number no request reaches
 
 
 def malformed() -> GatewayError:
