@@ -740,7 +740,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 pairs.append(("retry-after", str(err.retry_after)))
             return m.response_body_response(body, m.set_headers(pairs))
         chunk = msg.body
-        out = translator.response_body(chunk, msg.end_of_stream)
+        try:
+            out = translator.response_body(chunk, msg.end_of_stream)
+        except GatewayError as err:  # a 2xx answer the translator cannot read (buffered)
+            return self._unreadable(st, err)
         envelope = st.envelope
         if not st.buffered:
             if envelope is not None and envelope.streaming:
@@ -763,6 +766,24 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if translator.content_type is not None:  # e.g. a transcript rendered as text
                 pairs.append(("content-type", translator.content_type))
         return m.response_body_response(out, m.set_headers(pairs) if pairs else None)
+
+
+    def _unreadable(self, st: RequestState, err: GatewayError) -> ProcessingResponse:
+        """A backend's 2xx answer that cannot be read (TGI or TEI JSON without its fields, or
+        an error body sent with 200): the client gets the error and its status, and the
+        request is voided (a failure with no usage known), not charged."""
+        body = error_body(st.dialect, err, st.request_id)
+        st.status = err.status
+        pairs = [
+            (":status", str(err.status)),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ]
+        if st.defer_settle:
+            st.defer_settle = False
+            st.usage = None
+            pairs += self._settle(st, err.status)
+        return m.response_body_response(body, m.set_headers(pairs))
 
 
 def _timeout_of(headers: dict[str, str]) -> float | None:

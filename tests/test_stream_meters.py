@@ -158,6 +158,16 @@ def _config(port: int, meter: str) -> dict:
         }
     )
     cfg["models"].append({"id": "scripted", "backend": "scripted", "pricing": PRICE})
+    # the same script as a TGI server: its JSON answers are not TGI's (an unreadable 200)
+    cfg["backends"].append(
+        {
+            "name": "scripted-tgi",
+            "kind": "tgi",
+            "endpoints": [f"127.0.0.1:{port}"],
+            "request_timeout": "20s",
+        }
+    )
+    cfg["models"].append({"id": "scripted-tgi", "backend": "scripted-tgi", "pricing": PRICE})
     cfg["metering"]["stream_meter"] = meter
     return cfg
 
@@ -374,6 +384,36 @@ def test_a_count_no_backend_makes_is_no_count(gateways: dict[str, Gateway]) -> N
             > 2_000_000
         )
     assert got["native", "huge-usage"] == got["lua", "huge-usage"]
+
+
+def test_an_unreadable_answer_is_a_502_and_not_charged(gateways: dict[str, Gateway]) -> None:
+    """A 200 whose body the translator cannot read (here an OpenAI answer from a "TGI"
+    backend; TGI's own overload error sent with 200 is another): the client gets 502
+    backend_unavailable and the request is voided. Before, the gateway's error went out with
+    status 200 and the request was charged."""
+    gw = gateways["native"]
+    account, rid = "acct-" + uuid.uuid4().hex[:8], "bad-" + uuid.uuid4().hex
+    key = _account(gw, account)
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "X-Request-ID": rid,
+        "x-sim-script": "json-charset",
+    }
+    r = httpx.post(
+        gw.v1 + "/chat/completions", json=dict(_HI) | {"model": "scripted-tgi"}, headers=headers
+    )
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "backend_unavailable"
+    assert r.headers["x-credits-used"] == "0.00"
+    deadline = time.monotonic() + 10
+    entry = None
+    while entry is None and time.monotonic() < deadline:
+        data = httpx.get(
+            gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
+        )
+        entry = next((e for e in data.json()["data"] if e.get("request_id") == rid), None)
+        time.sleep(0.05)
+    assert entry is not None and entry["type"] == "void", entry
 
 
 def test_a_json_answer_with_a_charset_is_settled_from_its_usage(

@@ -157,7 +157,7 @@ class Tei:
                 return self._rerank(data)
             return self._classify(data)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            return malformed().body(self._rid)
+            raise malformed() from None
 
     def error(self, status: int, body: bytes) -> GatewayError:
         return normalize_error(status, body, _INPUT_PARAM.get(self._op, "input"))

@@ -245,7 +245,7 @@ class TgiMessages:
         except orjson.JSONDecodeError:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            return malformed().body(self._rid)
+            raise malformed()
         data["id"] = "chatcmpl-" + self._rid
         data["object"] = "chat.completion"
         data["created"] = self.created

@@ -486,7 +486,7 @@ class TgiNative:
         if isinstance(data, list) and data:  # the compat route "/" answers [ {...} ]
             data = data[0]
         if not isinstance(data, dict) or not isinstance(data.get("generated_text"), str):
-            return malformed().body(self._rid)
+            raise malformed()
         details = data.get("details") or {}
         reason = details.get("finish_reason")
         text = data["generated_text"]

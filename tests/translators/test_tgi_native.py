@@ -356,8 +356,9 @@ def test_completions_response_with_echo_and_logprobs() -> None:
 def test_malformed_answer() -> None:
     t, _ = chat_request()
     t.wants_response_body(200, "application/json")
-    out = orjson.loads(t.response_body(b"<html>oops", True) or b"")
-    assert out["error"]["code"] == "backend_unavailable"
+    with pytest.raises(GatewayError) as exc:  # the processor answers it 502, voided
+        t.response_body(b"<html>oops", True)
+    assert exc.value.code == "backend_unavailable" and exc.value.status == 502
 
 
 # ---------------------------------------------------------------------------------- stream
