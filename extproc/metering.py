@@ -293,7 +293,7 @@ class Meter:
             used = res.tokens if status < 400 else 0
         else:
             p, c = tokens
-            due = 0 if status >= 400 and p + c == 0 else token_cost(self.prices[model_id], p, c)
+            due = 0 if status >= 400 else token_cost(self.prices[model_id], p, c)
             used = p + c if res.unit == "tokens" else 0
         charged = min(due, max(res.balance, 0))  # the script's cap: the balance
         self.metrics.credits.inc("settled", amount=charged)

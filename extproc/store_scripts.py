@@ -255,8 +255,8 @@ return reply('ok', granted, amount, 0)
 # unknown: charge the reservation), http status, latency_ms (< 0: from the reservation's
 # creation), now_ms, reason, counted (true: the tokens are the stream meter's count, the prompt
 # its estimate; the debit's ledger entry says "counted": true).
-# Void (charge 0) when the usage is unknown, or when the backend failed (status >= 400) and no
-# tokens were used. Otherwise charge the price on the real tokens: below the reserved amount
+# Void (charge 0) when the usage is unknown, or when the backend failed (status >= 400; the
+# client got an error, whatever usage its body named). Otherwise charge the price on the real tokens: below the reserved amount
 # usually, above it if the backend overran max_tokens or the prompt its estimate (capped at the
 # balance).
 # Returns {status, charged, balance, pending, available, rpm_remaining, tpm_remaining,
@@ -310,7 +310,7 @@ local function settle_one(resv_key, done_key, due_key, rid, p, c, http_status, l
   else
     if known then tin, tout, used = p, c, p + c end
     if r.unit ~= 'tokens' then used = 0 end
-    if not known or (http_status >= 400 and p + c == 0) then
+    if not known or http_status >= 400 then  -- a backend error is voided, usage or not
       kind = 'void'
     else
       amount_due = cost(tonumber(r.input_per_1m), tonumber(r.output_per_1m),

@@ -398,6 +398,10 @@ async def test_void_settlements(ledger: Ledger) -> None:
     assert (s.entry_type, s.charged) == ("void", 0)
     s = await ledger.settle("b", 0, 0, 503, 5, reason="backend_error", now_ms=T0 + 2)
     assert (s.entry_type, s.charged) == ("void", 0)
+    # an error whose body named usage is voided too: the client got the error
+    assert (await ledger.reserve(request("e"), now_ms=T0)).ok
+    s = await ledger.settle("e", 100, 7, 500, 5, reason="backend_error", now_ms=T0 + 2)
+    assert (s.entry_type, s.charged) == ("void", 0)
     s = await ledger.settle("c", 0, 0, 200, 5, now_ms=T0 + 3)  # an empty answer still costs the fee
     assert (s.entry_type, s.charged) == ("debit", 100)
     b = await ledger.balance("acme")
