@@ -314,11 +314,19 @@ static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
     }
     return;
   }
-  if (!m->have_usage && m->counted == 0 && n > 5 && memcmp(ev, "data:", 5) == 0) {
+  /* no token yet: no usage, or vLLM's running usage with none generated (its role chunk's) */
+  bool none_yet = m->counted == 0 && (!m->have_usage || m->completion == 0);
+  if (none_yet && n > 5 && memcmp(ev, "data:", 5) == 0) {
     size_t i = 5;
     while (i < n && is_space(ev[i])) i++;
-    if (n - i >= 8 && memcmp(ev + i, "{\"error\"", 8) == 0) m->failed = true; /* nothing made */
+    /* nothing made: {"error": ...}, or vLLM's older {"object": "error", ...} */
+    if ((n - i >= 8 && memcmp(ev + i, "{\"error\"", 8) == 0) ||
+        (n - i >= 18 && memcmp(ev + i, "{\"object\":\"error\"", 18) == 0))
+      m->failed = true;
   }
+  /* an SSE error event (the envelope dialect writes the error so, before this meter) */
+  if (none_yet && n >= 12 && memcmp(ev, "event: error", 12) == 0)
+    m->failed = true;
   /* a chunk with a choice: a token, but for the closing one with an empty delta and an opening
    * one with the role alone (TGI's last, with its reason, is its end-of-sequence token) */
   if (!m->have_usage && find(ev, n, "\"choices\":[{", 12) != NULL &&

@@ -316,8 +316,13 @@ function envoy_on_response(handle)
         out[#out + 1] = figures(usage, md)
         out[#out + 1] = "data: [DONE]\n\n"
       else
-        if usage.c == nil and usage.n == 0 and string.find(event, '^data:%s*{"error"') then
-          usage.failed = true -- the backend failed before its first token
+        if (usage.c == nil or usage.c == 0) and usage.n == 0
+            and (string.find(event, '^data:%s*{"error"')
+            or string.find(event, '^data:%s*{"object":"error"')
+            or string.find(event, '^event: error')) then
+          -- the backend failed before its first token ({"error"}, vLLM's older {"object":
+          -- "error"}, or an error event, as the envelope dialect writes it before this meter)
+          usage.failed = true
         end
         -- a chunk with a choice: a token, but for the closing one with an empty delta and an
         -- opening one with the role alone (TGI's last, with its reason, is its EOS token)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -391,6 +392,36 @@ def test_proxy_transcript_priced_per_second_is_charged_its_duration(
     assert _debit(gw, r.headers["x-request-id"])["amount"] == "-" + format_credits(amount)
     if fmt == "text":
         assert not r.text.startswith("{")  # the client's format, untouched
+
+
+def _entry(gw: Gateway, request_id: str) -> dict[str, Any]:
+    for _ in range(50):  # streams settle through Envoy's access log, batched
+        r = httpx.get(gw.v1 + "/credits/transactions?limit=200", headers=_auth(gw.key))
+        found = [e for e in r.json()["data"] if e.get("request_id") == request_id]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no ledger entry for {request_id}")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/inference/chat"])
+def test_a_stream_that_fails_before_its_first_token_is_voided_in_every_dialect(
+    gw: Gateway, path: str
+) -> None:
+    """The backend's error event before any token: voided, on the OpenAI route and on the
+    envelope (which rewrites the event as ``event: error`` before the stream meter reads it;
+    it was charged its prompt there)."""
+    rid = "fail-" + uuid.uuid4().hex
+    body = {"model": "sim-chat", "messages": HELLO, "max_tokens": 5, "stream": True}
+    headers = {"X-Request-ID": rid, "x-sim-error-after": "0"}
+    with httpx.stream(
+        "POST", gw.base_url + path, headers={**_auth(gw.key), **headers}, json=body, timeout=20
+    ) as r:
+        assert r.status_code == 200
+        text = r.read().decode()
+    assert "error" in text
+    entry = _entry(gw, rid)
+    assert entry["type"] == "void", entry
 
 
 def test_proxy_errors(gw: Gateway) -> None:
