@@ -274,7 +274,19 @@ def _metering_filters() -> list[dict[str, Any]]:
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
             "response_rules": {
-                "rules": _usage_rules(),
+                # and an "error" key: a backend's error sent with 200 (voided, not charged)
+                "rules": [
+                    *_usage_rules(),
+                    {
+                        "selectors": [{"key": "error"}],
+                        "on_present": {
+                            "metadata_namespace": USAGE_NS,
+                            "key": "failed",
+                            "value": {"number_value": 1},
+                            "type": "NUMBER",
+                        },
+                    },
+                ],
                 "allow_content_types": ["application/json"],
                 # and with parameters ("application/json; charset=utf-8", as Go's servers
                 # write it): else the usage is not lifted and the answer is charged its

@@ -679,6 +679,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     st.usage = dict(translator.usage)
                 if wants_body and status < 400 and not sse:
                     st.defer_settle = True  # the translator reads usage from the body (TGI, TEI)
+                elif st.usage is not None and "failed" in st.usage:
+                    # a 200 whose JSON is an error (json_to_metadata saw its "error" key): the
+                    # client got the error, so it is voided as a backend error, not charged
+                    st.usage = None
+                    pairs += self._settle(st, 502)
                 else:
                     pairs += self._settle(st, status)
         if not wants_body:
@@ -766,7 +771,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if translator.content_type is not None:  # e.g. a transcript rendered as text
                 pairs.append(("content-type", translator.content_type))
         return m.response_body_response(out, m.set_headers(pairs) if pairs else None)
-
 
     def _unreadable(self, st: RequestState, err: GatewayError) -> ProcessingResponse:
         """A backend's 2xx answer that cannot be read (TGI or TEI JSON without its fields, or

@@ -256,9 +256,9 @@ return reply('ok', granted, amount, 0)
 # creation), now_ms, reason, counted (true: the tokens are the stream meter's count, the prompt
 # its estimate; the debit's ledger entry says "counted": true).
 # Void (charge 0) when the usage is unknown, or when the backend failed (status >= 400; the
-# client got an error, whatever usage its body named). Otherwise charge the price on the real tokens: below the reserved amount
-# usually, above it if the backend overran max_tokens or the prompt its estimate (capped at the
-# balance).
+# client got an error, whatever usage its body named). Otherwise charge the price on the real
+# tokens: below the reserved amount usually, above it if the backend overran max_tokens or the
+# prompt its estimate (capped at the balance).
 # Returns {status, charged, balance, pending, available, rpm_remaining, tpm_remaining,
 #          written_off, entry type}; status ok | duplicate (the first settlement's figures,
 #          nothing charged now) | unknown (no such reservation).

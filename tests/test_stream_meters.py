@@ -91,8 +91,10 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", "0")))
         script = self.headers.get("x-sim-script")
-        if script in ("json-charset", "json-huge"):  # a JSON answer, as Go writes it
+        if script in ("json-charset", "json-huge", "json-error"):  # as Go writes JSON
             body = JSON_ANSWER.encode()
+            if script == "json-error":  # an error sent with 200
+                body = b'{"error":{"message":"boom","type":"server_error","code":500}}'
             if script == "json-huge":  # a broken backend's count
                 body = body.replace(b'"completion_tokens":3', b'"completion_tokens":1e18')
             self.send_response(200)
@@ -407,6 +409,26 @@ def test_an_unreadable_answer_is_a_502_and_not_charged(gateways: dict[str, Gatew
     assert r.headers["x-credits-used"] == "0.00"
     deadline = time.monotonic() + 10
     entry = None
+    while entry is None and time.monotonic() < deadline:
+        data = httpx.get(
+            gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
+        )
+        entry = next((e for e in data.json()["data"] if e.get("request_id") == rid), None)
+        time.sleep(0.05)
+    assert entry is not None and entry["type"] == "void", entry
+
+
+def test_an_error_sent_with_200_is_voided(gateways: dict[str, Gateway]) -> None:
+    """A backend that answers its error with status 200: the body passes as it is, and the
+    request is voided, not charged its reservation as a served answer without usage."""
+    gw = gateways["native"]
+    account, rid = "acct-" + uuid.uuid4().hex[:8], "err200-" + uuid.uuid4().hex
+    key = _account(gw, account)
+    headers = {"Authorization": f"Bearer {key}", "X-Request-ID": rid, "x-sim-script": "json-error"}
+    r = httpx.post(gw.v1 + "/chat/completions", json=dict(_HI), headers=headers)
+    assert r.status_code == 200 and r.json()["error"]["message"] == "boom"
+    assert r.headers["x-credits-used"] == "0.00"
+    deadline, entry = time.monotonic() + 10, None
     while entry is None and time.monotonic() < deadline:
         data = httpx.get(
             gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
