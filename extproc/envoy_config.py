@@ -277,15 +277,19 @@ def _metering_filters() -> list[dict[str, Any]]:
                 # and an "error" key: a backend's error sent with 200 (voided, not charged)
                 "rules": [
                     *_usage_rules(),
-                    {
-                        "selectors": [{"key": "error"}],
-                        "on_present": {
-                            "metadata_namespace": USAGE_NS,
-                            "key": "failed",
-                            "value": {"number_value": 1},
-                            "type": "NUMBER",
-                        },
-                    },
+                    # its message (OpenAI's and vLLM's error object), or the error as a string
+                    # (a fixed value would also be set for a body that does not parse)
+                    *(
+                        {
+                            "selectors": path,
+                            "on_present": {
+                                "metadata_namespace": USAGE_NS,
+                                "key": "error",
+                                "type": "STRING",
+                            },
+                        }
+                        for path in ([{"key": "error"}, {"key": "message"}], [{"key": "error"}])
+                    ),
                 ],
                 "allow_content_types": ["application/json"],
                 # and with parameters ("application/json; charset=utf-8", as Go's servers

@@ -679,7 +679,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     st.usage = dict(translator.usage)
                 if wants_body and status < 400 and not sse:
                     st.defer_settle = True  # the translator reads usage from the body (TGI, TEI)
-                elif st.usage is not None and "failed" in st.usage:
+                elif st.usage is not None and "error" in st.usage:
                     # a 200 whose JSON is an error (json_to_metadata saw its "error" key): the
                     # client got the error, so it is voided as a backend error, not charged
                     st.usage = None
