@@ -304,9 +304,11 @@ local function settle_one(resv_key, done_key, due_key, rid, p, c, http_status, l
   local kind, amount_due, tin, tout = 'debit', 0, cjson.null, cjson.null
   local used = 0
   if p == -2 then
-    -- served, but the usage is unknown: charge the reservation (the worst case it covered)
+    -- served, but the usage is unknown: charge the reservation (the worst case it covered);
+    -- its tokens are the estimate and the grant, which the reason says
     amount_due, tin, tout = tonumber(r.amount), tonumber(r.prompt_est), tonumber(r.granted)
     used = tonumber(r.tok_reserved)
+    if reason == 'settled' then reason = 'usage_unknown' end
   else
     if known then tin, tout, used = p, c, p + c end
     if r.unit ~= 'tokens' then used = 0 end

@@ -411,6 +411,20 @@ async def test_void_settlements(ledger: Ledger) -> None:
     assert void["tokens_in"] is None and void["reason"] == "client_disconnected"
 
 
+async def test_a_served_request_of_unknown_usage_says_so(ledger: Ledger) -> None:
+    """Charged its reservation, its entry's tokens are the estimate and the grant: the reason
+    says they are not a count (it said "settled", as for the backend's own figures)."""
+    await ledger.grant("acme", 10**6)
+    r = await ledger.reserve(request("u"), now_ms=T0)
+    s = await ledger.settle("u", None, None, 200, 5, charge_reserved=True, now_ms=T0 + 1)
+    assert s.charged == r.amount and s.entry_type == "debit"
+    entry = (await ledger.transactions("acme", limit=1))[0]
+    assert entry["reason"] == "usage_unknown" and (entry["tokens_in"], entry["tokens_out"]) == (
+        100,
+        50,
+    )
+
+
 async def test_grant_idempotency(ledger: Ledger) -> None:
     assert await ledger.grant("acme", 5_000_000, note="invoice 1", grant_id="inv-1") == 5_000_000
     assert await ledger.grant("acme", 5_000_000, note="invoice 1", grant_id="inv-1") == 5_000_000
