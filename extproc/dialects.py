@@ -73,7 +73,7 @@ from .operations import (
 )
 from .sse import EventSplitter, event_data
 from .translators.errors_map import normalize_error
-from .translators.tgi_native import generate_usage, int_header
+from .translators.tgi_native import generate_usage, int_header, usage_known
 
 OPENAI = "openai"
 ENVELOPE = "envelope"
@@ -433,7 +433,7 @@ class ProxyTranslator:
         if schema == "tgi" and not self._stream:
             self._prompt = int_header(headers.get("x-prompt-tokens"))
             self._generated = int_header(headers.get("x-generated-tokens"))
-            if self._generated is not None:
+            if self._generated is not None and self._prompt is not None:
                 self.usage = generate_usage(None, self._prompt, self._generated)
         elif schema == "tei":
             tokens = int_header(headers.get("x-compute-tokens"))
@@ -472,7 +472,8 @@ class ProxyTranslator:
             if isinstance(data, list) and data:
                 data = data[0]
             details = data.get("details") if isinstance(data, dict) else None
-            self.usage = generate_usage(details, self._prompt, self._generated)
+            if usage_known(details, self._prompt, self._generated):  # else the reservation
+                self.usage = generate_usage(details, self._prompt, self._generated)
         return None  # passed through untouched
 
     def error(self, status: int, body: bytes) -> GatewayError:

@@ -70,6 +70,7 @@ class Tei:
         "_base64",
         "_batch",
         "_buf",
+        "_counted",
         "_model",
         "_op",
         "_prompt_tokens",
@@ -97,6 +98,7 @@ class Tei:
         self._top_n: int | None = None
         self._return_documents = False
         self._prompt_tokens = 0
+        self._counted = False
         self._buf = b""
 
     # ------------------------------------------------------------------ request
@@ -134,7 +136,9 @@ class Tei:
 
     # ----------------------------------------------------------------- response
     def response_headers(self, status: int, headers: dict[str, str]) -> None:
-        self._prompt_tokens = int_header(headers.get("x-compute-tokens")) or 0
+        tokens = int_header(headers.get("x-compute-tokens"))
+        self._counted = tokens is not None  # else unknown: charged the reservation
+        self._prompt_tokens = tokens or 0
 
     def response_status(self, status: int) -> int | None:
         return client_status(status)
@@ -148,7 +152,7 @@ class Tei:
             return b""
         raw, self._buf = self._buf, b""
         tokens = self._prompt_tokens
-        self.usage = {"prompt_tokens": tokens, "completion_tokens": 0}
+        self.usage = {"prompt_tokens": tokens, "completion_tokens": 0} if self._counted else None
         try:
             if self._op == "embeddings":
                 return self._embeddings(raw)

@@ -492,8 +492,13 @@ class TgiNative:
         text = data["generated_text"]
         if reason == "stop_sequence":
             text = self._cut_stop(text)
-        self.usage = generate_usage(details, self._prompt_tokens, self._generated_header)
-        prompt, completion = self.usage["prompt_tokens"], self.usage["completion_tokens"]
+        usage = generate_usage(details, self._prompt_tokens, self._generated_header)
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+        # a count missing from both the headers and the details is unknown (charged the
+        # reservation), not 0
+        self.usage = (
+            usage if usage_known(details, self._prompt_tokens, self._generated_header) else None
+        )
         usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -763,6 +768,12 @@ def generate_usage(
     if not isinstance(completion, int):
         completion = generated_header or 0
     return {"prompt_tokens": prompt_header or 0, "completion_tokens": completion}
+
+
+def usage_known(details: Any, prompt_header: int | None, generated_header: int | None) -> bool:
+    """Whether a ``/generate`` answer named both its counts (see generate_usage)."""
+    generated = isinstance(details, dict) and isinstance(details.get("generated_tokens"), int)
+    return prompt_header is not None and (generated or generated_header is not None)
 
 
 def int_header(value: str | None) -> int | None:

@@ -330,3 +330,14 @@ def test_errors(
     err = t.error(status, body)
     assert (err.status, err.code, err.param) == (client_status, code, param)
     assert err.message
+
+
+def test_without_x_compute_tokens_the_usage_is_unknown() -> None:
+    """TEI names its tokens only in x-compute-tokens: without it the request is charged its
+    reservation (usage_unknown), not 0 tokens (found by an audit)."""
+    t = Tei(EMBED, "req1")
+    assert t.request("embeddings", {"model": "bge", "input": "hello"}, False) is True
+    t.response_headers(200, {"content-type": "application/json"})
+    t.response_body(b"[[0.1,0.2]]", True)
+    assert t.usage is None
+    _, _, _ = run(EMBED, "embeddings", {"model": "bge", "input": "hello"}, b"[[0.1,0.2]]")

@@ -799,3 +799,18 @@ def test_stream_chunk_benchmark() -> None:
             t.response_body(chunk, i == len(halves) - 1)
         elapsed = time.perf_counter() - start
         print(f"tgi_native stream ({label}, events split in two): {elapsed / n * 1e6:.2f} µs/event")
+
+
+def test_a_count_neither_the_headers_nor_the_details_give_is_unknown() -> None:
+    """Without x-prompt-tokens (or without any generated count) the usage is unknown, so the
+    request is charged its reservation (reason usage_unknown), not 0 tokens for what it read
+    (found by an audit). The client's usage object still shows 0."""
+    t, _ = chat_request()
+    out = respond(t, GENERATE, {"x-generated-tokens": "3"})
+    assert t.usage is None and out["usage"]["prompt_tokens"] == 0
+    t, _ = chat_request()
+    respond(t, {"generated_text": "x"}, {"x-prompt-tokens": "12"})
+    assert t.usage is None
+    t, _ = chat_request()
+    respond(t, GENERATE, {"x-prompt-tokens": "12"})  # the details count the generated tokens
+    assert t.usage == {"prompt_tokens": 12, "completion_tokens": 3}
