@@ -300,13 +300,32 @@ static bool role_only(const char *ev, size_t n) {
          find(ev, n, "\"finish_reason\":null", 20) != NULL;
 }
 
+/* The event without its whitespace, for the shape checks below, when its JSON has spaces (as
+ * Python's json.dumps writes it: "choices": [{...}]); NULL when it is compact (vLLM, TGI,
+ * OpenAI), the common case. A quote inside a JSON string is escaped, so no key pattern can
+ * match inside one. */
+static char *compact(const char *ev, size_t n, size_t *len) {
+  if (find(ev, n, "\": ", 3) == NULL && find(ev, n, ", \"", 3) == NULL) return NULL;
+  char *c = malloc(n);
+  if (c == NULL) return NULL;
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++)
+    if (!is_space(ev[i])) c[k++] = ev[i];
+  *len = k;
+  return c;
+}
+
 static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
   if (n == 12 && memcmp(ev, "data: [DONE]", 12) == 0) {
     figures(m, out);
     put(out, "data: [DONE]\n\n", 14);
     return;
   }
-  if (find(ev, n, "\"choices\":[]", 12) != NULL) { /* the usage-only event */
+  size_t sn = n;
+  char *spaced = compact(ev, n, &sn);
+  const char *s = spaced != NULL ? spaced : ev; /* what the shape checks read */
+  if (find(s, sn, "\"choices\":[]", 12) != NULL) { /* the usage-only event */
+    free(spaced);
     counts(m, ev, n);
     if (m->keep_usage) {
       put(out, ev, n);
@@ -329,11 +348,12 @@ static void rewrite_event(meter *m, const char *ev, size_t n, bytes *out) {
     m->failed = true;
   /* a chunk with a choice: a token, but for the closing one with an empty delta and an opening
    * one with the role alone (TGI's last, with its reason, is its end-of-sequence token) */
-  if (!m->have_usage && find(ev, n, "\"choices\":[{", 12) != NULL &&
-      find(ev, n, "\"delta\":{}", 10) == NULL && !role_only(ev, n))
+  if (!m->have_usage && find(s, sn, "\"choices\":[{", 12) != NULL &&
+      find(s, sn, "\"delta\":{}", 10) == NULL && !role_only(s, sn))
     m->counted++;
-  else if (!m->have_usage && find(ev, n, "\"token\":{", 9) != NULL)
-    tgi_own_event(m, ev, n);
+  else if (!m->have_usage && find(s, sn, "\"token\":{", 9) != NULL)
+    tgi_own_event(m, s, sn);
+  free(spaced);
   size_t from, to, obj;
   if (usage_object(ev, n, &from, &to, &obj)) { /* vLLM's running usage: read, cut out */
     counts(m, ev + obj, to - obj);

@@ -111,8 +111,18 @@ local function counts(text, usage)
 end
 
 -- One event, rewritten for the client; the usage it carries goes into `usage`.
+-- The event without its whitespace, for the shape checks, when its JSON has spaces (Python's
+-- json.dumps: "choices": [{...}]); the event itself when compact. A quote inside a JSON string
+-- is escaped, so no key pattern can match inside one.
+local function shape(event)
+  if string.find(event, '": ', 1, true) or string.find(event, ', "', 1, true) then
+    return (string.gsub(event, "%s", ""))
+  end
+  return event
+end
+
 local function rewrite_event(event, keep_usage, usage)
-  if string.find(event, '"choices":[]', 1, true) then
+  if string.find(shape(event), '"choices":[]', 1, true) then
     -- The usage-only event (for TGI native, written by the processor's translator).
     counts(event, usage)
     if keep_usage then
@@ -326,14 +336,15 @@ function envoy_on_response(handle)
         end
         -- a chunk with a choice: a token, but for the closing one with an empty delta and an
         -- opening one with the role alone (TGI's last, with its reason, is its EOS token)
-        if usage.c == nil and string.find(event, '"choices":[{', 1, true)
-          and not string.find(event, '"delta":{}', 1, true)
-          and not ((string.find(event, ROLE_ONLY, 1, true)
-              or string.find(event, ROLE_ONLY_OPENAI, 1, true))
-            and string.find(event, '"finish_reason":null', 1, true)) then
+        local s = usage.c == nil and shape(event) or event
+        if usage.c == nil and string.find(s, '"choices":[{', 1, true)
+          and not string.find(s, '"delta":{}', 1, true)
+          and not ((string.find(s, ROLE_ONLY, 1, true)
+              or string.find(s, ROLE_ONLY_OPENAI, 1, true))
+            and string.find(s, '"finish_reason":null', 1, true)) then
           usage.n = usage.n + 1
-        elseif usage.c == nil and string.find(event, '"token":{', 1, true) then
-          tgi_own_event(event, usage, md) -- TGI's own stream, untranslated (the per-model proxy)
+        elseif usage.c == nil and string.find(s, '"token":{', 1, true) then
+          tgi_own_event(s, usage, md) -- TGI's own stream, untranslated (the per-model proxy)
         end
         out[#out + 1] = rewrite_event(event, keep_usage, usage)
       end

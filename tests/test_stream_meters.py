@@ -120,6 +120,9 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
             parts[1] = "\n" + parts[1]
         elif script == "no-last-blank-line":  # ends with "data: [DONE]" and no blank line
             parts = [*SCRIPT[:-1], SCRIPT[-1].rstrip("\n")]
+        elif script in ("spaced", "spaced-no-usage"):  # JSON as Python's json.dumps writes it
+            base = SCRIPT if script == "spaced" else NO_USAGE
+            parts = [p.replace('":', '": ').replace(',"', ', "') for p in base]
         elif script == "huge-usage":  # counts no long long holds, and one in exponent form
             parts = [
                 p.replace(
@@ -345,6 +348,29 @@ def test_a_stream_framed_otherwise_reaches_the_client_whole(
         assert figures["credits_used"] == format_credits(token_cost(price, 9, 2)), meter
         debit = _debit(gw, key, rid)
         assert (debit["tokens_in"], debit["tokens_out"]) == (9, 2) and "counted" not in debit
+
+
+def test_json_with_spaces_is_metered_alike(gateways: dict[str, Gateway]) -> None:
+    """A backend writing JSON with spaces ("choices": [{...}]): a stream without usage is
+    charged its counted chunks, and a usage-only event the client did not ask for is removed.
+    Before, such chunks counted no token and the usage event passed to the client."""
+    prompt = estimate_prompt_tokens("chat", _HI)
+    for meter, gw in gateways.items():
+        key = _account(gw, "acct-" + uuid.uuid4().hex[:8])
+        for script, expect in (("spaced-no-usage", (prompt, 2)), ("spaced", (9, 2))):
+            rid = "spaced-" + uuid.uuid4().hex
+            headers = {
+                "Authorization": f"Bearer {key}",
+                "X-Request-ID": rid,
+                "x-sim-script": script,
+            }
+            r = httpx.post(
+                gw.v1 + "/chat/completions", json=dict(_HI) | {"stream": True}, headers=headers
+            )
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+            assert '"choices": []' not in r.text, (meter, script)  # not asked for
+            debit = _debit(gw, key, rid)
+            assert (debit["tokens_in"], debit["tokens_out"]) == expect, (meter, script, debit)
 
 
 def test_a_count_no_backend_makes_is_no_count(gateways: dict[str, Gateway]) -> None:
