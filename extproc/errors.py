@@ -185,6 +185,13 @@ ENVOY_LOCAL_REPLIES: tuple[tuple[str, int, str, str], ...] = (
         "The request could not be read (malformed HTTP).",
     ),
     (
+        # the backend closed or reset the connection, or broke HTTP, mid-answer
+        "flags:UC,UR,UPE",
+        502,
+        "backend_unavailable",
+        "The model backend closed the connection before its answer was complete.",
+    ),
+    (
         "response.code >= 500 && !response.code_details.startsWith('tollgate')",
         0,
         "internal_error",

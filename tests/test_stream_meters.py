@@ -91,6 +91,15 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", "0")))
         script = self.headers.get("x-sim-script")
+        if script == "close-mid-json":  # the backend dies in the middle of its answer
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "500")
+            self.end_headers()
+            self.wfile.write(JSON_ANSWER.encode()[:40])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if script in ("json-charset", "json-huge", "json-error"):  # as Go writes JSON
             body = JSON_ANSWER.encode()
             if script == "json-error":  # an error sent with 200
@@ -435,6 +444,30 @@ def test_an_unreadable_answer_is_a_502_and_not_charged(gateways: dict[str, Gatew
     assert r.headers["x-credits-used"] == "0.00"
     deadline = time.monotonic() + 10
     entry = None
+    while entry is None and time.monotonic() < deadline:
+        data = httpx.get(
+            gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
+        )
+        entry = next((e for e in data.json()["data"] if e.get("request_id") == rid), None)
+        time.sleep(0.05)
+    assert entry is not None and entry["type"] == "void", entry
+
+
+def test_a_backend_that_dies_mid_answer_is_a_backend_error(gateways: dict[str, Gateway]) -> None:
+    """The backend closes its connection in the middle of a JSON answer: 502
+    backend_unavailable (it was internal_error, the code for the gateway's own bugs), voided."""
+    gw = gateways["native"]
+    key = _account(gw, "acct-" + uuid.uuid4().hex[:8])
+    rid = "died-" + uuid.uuid4().hex
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "X-Request-ID": rid,
+        "x-sim-script": "close-mid-json",
+    }
+    r = httpx.post(gw.v1 + "/chat/completions", json=dict(_HI), headers=headers)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "backend_unavailable", r.text
+    deadline, entry = time.monotonic() + 10, None
     while entry is None and time.monotonic() < deadline:
         data = httpx.get(
             gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
