@@ -53,6 +53,23 @@ def _ledger(gateway: Gateway, key: str) -> list[dict]:
     return _get(gateway, key, "/credits/transactions?limit=1000")["data"]
 
 
+def _entries(gateway: Gateway, key: str, rid: str, timeout: float = 10) -> list[dict]:
+    """Request ``rid``'s ledger entries, once there is one (settlements may come batched)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = [e for e in _ledger(gateway, key) if e.get("request_id") == rid]
+        if entries or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.1)
+
+
+def _sent(gateway: Gateway, rid: str) -> dict:
+    """The body the simulator got for request ``rid``."""
+    return next(
+        x["body"] for x in gateway.sim_requests() if x["headers"].get("x-request-id") == rid
+    )
+
+
 def _reconciles(gateway: Gateway, key: str) -> None:
     credits = _get(gateway, key, "/credits")
     entries = _ledger(gateway, key)
@@ -260,15 +277,7 @@ def test_max_tokens_clamped_to_what_the_balance_pays(gateway: Gateway) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 7
     assert r.json()["choices"][0]["finish_reason"] == "length"
-    seen = [x for x in gateway.sim_requests() if x["headers"].get("x-request-id") == rid]
-    assert seen[0]["body"]["max_tokens"] == 7
-
-
-def _sent(gateway: Gateway, rid: str) -> dict:
-    """The body the simulator got for request ``rid``."""
-    return next(
-        x["body"] for x in gateway.sim_requests() if x["headers"].get("x-request-id") == rid
-    )
+    assert _sent(gateway, rid)["max_tokens"] == 7
 
 
 def test_n_choices_share_what_the_balance_pays(gateway: Gateway) -> None:
@@ -957,12 +966,8 @@ def test_a_client_that_leaves_while_the_store_reserves_is_not_charged(gateway: G
             json=body,
             timeout=0.5,
         )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        entry = next((e for e in _ledger(gateway, key) if e.get("request_id") == rid), None)
-        if entry is not None:
-            break
-        time.sleep(0.1)
+    entries = _entries(gateway, key, rid)
+    entry = entries[0] if entries else None
     assert entry is not None and entry["type"] == "void", entry
     assert entry["reason"] == "client_disconnected"
     assert parse_credits(_get(gateway, key, "/credits")["reserved"]) == 0
@@ -1004,13 +1009,7 @@ def test_a_duplicate_request_id_whose_client_leaves_does_not_void_the_served_one
             )
         text = "".join(chunks)
     assert text.rstrip().endswith("data: [DONE]")
-    entries: list[dict] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        entries = [e for e in _ledger(gateway, key) if e.get("request_id") == rid]
-        if entries:
-            break
-        time.sleep(0.1)
+    entries = _entries(gateway, key, rid)
     assert len(entries) == 1 and entries[0]["type"] == "debit", entries
     assert entries[0]["tokens_out"] == 10
     _reconciles(gateway, key)

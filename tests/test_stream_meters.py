@@ -442,14 +442,7 @@ def test_an_unreadable_answer_is_a_502_and_not_charged(gateways: dict[str, Gatew
     assert r.status_code == 502, r.text
     assert r.json()["error"]["code"] == "backend_unavailable"
     assert r.headers["x-credits-used"] == "0.00"
-    deadline = time.monotonic() + 10
-    entry = None
-    while entry is None and time.monotonic() < deadline:
-        data = httpx.get(
-            gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
-        )
-        entry = next((e for e in data.json()["data"] if e.get("request_id") == rid), None)
-        time.sleep(0.05)
+    entry = _entry(gw, key, rid)
     assert entry is not None and entry["type"] == "void", entry
 
 
@@ -467,13 +460,7 @@ def test_a_backend_that_dies_mid_answer_is_a_backend_error(gateways: dict[str, G
     r = httpx.post(gw.v1 + "/chat/completions", json=dict(_HI), headers=headers)
     assert r.status_code == 502, r.text
     assert r.json()["error"]["code"] == "backend_unavailable", r.text
-    deadline, entry = time.monotonic() + 10, None
-    while entry is None and time.monotonic() < deadline:
-        data = httpx.get(
-            gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
-        )
-        entry = next((e for e in data.json()["data"] if e.get("request_id") == rid), None)
-        time.sleep(0.05)
+    entry = _entry(gw, key, rid)
     assert entry is not None and entry["type"] == "void", entry
 
 
@@ -487,13 +474,7 @@ def test_an_error_sent_with_200_is_voided(gateways: dict[str, Gateway]) -> None:
     r = httpx.post(gw.v1 + "/chat/completions", json=dict(_HI), headers=headers)
     assert r.status_code == 200 and r.json()["error"]["message"] == "boom"
     assert r.headers["x-credits-used"] == "0.00"
-    deadline, entry = time.monotonic() + 10, None
-    while entry is None and time.monotonic() < deadline:
-        data = httpx.get(
-            gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"}
-        )
-        entry = next((e for e in data.json()["data"] if e.get("request_id") == rid), None)
-        time.sleep(0.05)
+    entry = _entry(gw, key, rid)
     assert entry is not None and entry["type"] == "void", entry
 
 
@@ -537,6 +518,18 @@ def test_both_meters_give_the_same_trailers(gateways: dict[str, Gateway]) -> Non
         }
         got[meter] = r.trailers
     assert got["native"] == got["lua"]
+
+
+def _entry(gw: Gateway, key: str, rid: str, timeout: float = 10) -> dict | None:
+    """The ledger entry of request ``rid``, whatever its type, once it is there (or None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(gw.v1 + "/credits/transactions", headers={"Authorization": f"Bearer {key}"})
+        entry = next((e for e in r.json()["data"] if e.get("request_id") == rid), None)
+        if entry is not None:
+            return entry
+        time.sleep(0.05)
+    return None
 
 
 def _debit(gw: Gateway, key: str, rid: str, timeout: float = 10) -> dict:
